@@ -1,0 +1,70 @@
+"""Model variants and fixed constants of Brain-JEPA.
+
+The published model is ``vit_base`` on scans of 450 ROIs x 160 frames: 450 x 10 = 4500 tokens.
+Every variant uses heads of 64 channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+N_ROIS = 450            # Schaefer-400 cortical + Tian scale III subcortical ROIs
+N_GRADIENTS = 30        # columns of the brain-gradient table
+PATCH_T = 16            # frames per temporal patch (Conv2d kernel (1, 16))
+PRETRAIN_FRAMES = 160   # the model was pretrained on 160 frames = 10 time patches
+LN_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Shape of one encoder variant. ``head_dim`` is 64 for every published variant."""
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: int = 4
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.embed_dim * self.mlp_ratio
+
+
+VARIANTS: dict[str, EncoderConfig] = {
+    "vit_small": EncoderConfig("vit_small", embed_dim=384, depth=12, num_heads=6),
+    "vit_base": EncoderConfig("vit_base", embed_dim=768, depth=12, num_heads=12),
+    "vit_large": EncoderConfig("vit_large", embed_dim=1024, depth=24, num_heads=16),
+}
+
+# The predictor of the published checkpoints: 6 blocks at 384 dims, heads as the encoder's.
+PREDICTOR_DIM = 384
+PREDICTOR_DEPTH = 6
+
+
+def get_config(variant: str) -> EncoderConfig:
+    """Return the :class:`EncoderConfig` of ``variant`` (``vit_small``, ``vit_base``, ``vit_large``)."""
+    try:
+        return VARIANTS[variant]
+    except KeyError:
+        raise ConfigError(
+            f"unknown variant {variant!r}: expected one of {', '.join(sorted(VARIANTS))}"
+        ) from None
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def parse_precision(name: str) -> "torch.dtype":
+    """Map ``"fp32" | "bf16" | "fp16"`` to a torch dtype."""
+    import torch
+
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown precision {name!r}: expected one of {', '.join(PRECISIONS)}") from None

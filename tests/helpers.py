@@ -1,0 +1,43 @@
+"""Shared test utilities: error metric, poisoning, tolerances, device skip markers."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+
+#: Per-kernel relative-error bounds ‖out−ref‖/‖ref‖ against the op's PyTorch function run in
+#: float32 on the same (rounded) inputs. Interpreter fp32 is plain fp32 arithmetic; on the GPU
+#: fp32 dots run as tf32.
+KERNEL_TOL = {
+    ("cpu", torch.float32): 1e-5,
+    ("cpu", torch.float16): 2e-3,
+    ("cuda", torch.float32): 1e-3,
+    ("cuda", torch.float16): 3e-3,
+    ("cuda", torch.bfloat16): 2e-2,
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives NaN (which fails every bound)."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    return ((out64 - ref64).norm() / ref64.norm()).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "") -> float:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten poisoned output?)"
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+    return err
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN so an element the kernel forgets to write fails the check."""
+    return t.fill_(float("nan"))
