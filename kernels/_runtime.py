@@ -9,13 +9,12 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence, TypeVar
 
 import torch
 import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
-from triton.runtime import _allocation
 from triton.runtime.errors import OutOfResources, PTXASError
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -120,11 +119,12 @@ class MatmulConfig:
     per tile). ``flatten``: let the compiler fuse the tile and K loops so the next tile's loads
     overlap this tile's epilogue. ``device_descriptors``: build the TMA descriptors inside the
     kernel (``tl.make_tensor_descriptor``, one per program, in a global scratch buffer) instead of
-    on the host. ``warp_specialize``: Triton's automatic warp specialization of the tile loop (on
-    Hopper the autoWS pass: a TMA producer warp group and two consumer warp groups of
-    ``num_warps`` each, splitting the tile's rows). Experimental, off by default; it implies
-    ``flatten=False`` and, on Hopper, needs ``device_descriptors=True`` (the pass re-blocks the
-    epilogue's descriptors, which it cannot do to host-side ones) and ``subtile=False``.
+    on the host. ``programs_per_sm``: resident programs per SM of the persistent grid; with 2, one
+    program's epilogue (the erf GELU of fc1, the residual of proj) overlaps the other's main loop,
+    for tiles small enough that two fit an SM's registers and shared memory.
+
+    (Triton 3.6's automatic warp specialization was measured on the H100 and dropped: slower on
+    every shape, and wrong results on two of them.)
     """
 
     block_m: int
@@ -137,7 +137,7 @@ class MatmulConfig:
     persistent: bool = True
     flatten: bool = True
     device_descriptors: bool = False
-    warp_specialize: bool = False
+    programs_per_sm: int = 1
 
     @property
     def store_n(self) -> int:
@@ -146,14 +146,13 @@ class MatmulConfig:
 
     def num_programs(self, m: int, n: int, device: torch.device) -> int:
         tiles = triton.cdiv(m, self.block_m) * triton.cdiv(n, self.block_n)
-        return min(tiles, num_sms(device)) if self.persistent else tiles
+        return min(tiles, num_sms(device) * self.programs_per_sm) if self.persistent else tiles
 
     def meta(self) -> dict:
         """Compile-time arguments of the kernels (the ``persistent`` choice is only the grid)."""
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=self.group_m,
-                    SUBTILE=self.subtile, FLATTEN=self.flatten and not self.warp_specialize,
-                    DEVICE_DESC=self.device_descriptors, WARP_SPECIALIZE=self.warp_specialize, num_stages=self.num_stages,
-                    num_warps=self.num_warps)
+                    SUBTILE=self.subtile, FLATTEN=self.flatten, DEVICE_DESC=self.device_descriptors,
+                    num_stages=self.num_stages, num_warps=self.num_warps)
 
 
 def matmul_candidates(dtype: torch.dtype, device: torch.device) -> tuple[MatmulConfig, ...]:
@@ -164,6 +163,9 @@ def matmul_candidates(dtype: torch.dtype, device: torch.device) -> tuple[MatmulC
     none spills registers (the GELU epilogue spills on un-subtiled 128x128/4-warp and 128x256
     tiles). 16-bit: 128x256 and 128x128 tiles with 64-wide K steps (128-byte swizzled TMA
     boxes), 3-4 stages, plus a 64x128 tile for the small B=1 problems (more tiles per wave).
+    Measured on the H100 (bf16, B=8): 128x256 wins qkv and fc2 (591, 619 TFLOP/s) but one program
+    per SM leaves the GELU and residual epilogues exposed (fc1 402, proj 406); the two-per-SM
+    128x128 candidates let those epilogues overlap another program's main loop.
     fp32 (tf32 dots) halves ``block_k``. Off-GPU (interpreter): one small tile whose epilogue is
     subtiled, so the CPU tests run every code path the GPU runs.
     """
@@ -178,30 +180,27 @@ def matmul_candidates(dtype: torch.dtype, device: torch.device) -> tuple[MatmulC
         MatmulConfig(128, 128, 64, 4, 8),
         MatmulConfig(128, 128, 64, 4, 4, subtile=True),
         MatmulConfig(64, 128, 64, 4, 4),
+        MatmulConfig(128, 128, 64, 3, 4, subtile=True, programs_per_sm=2),
+        MatmulConfig(64, 128, 64, 4, 4, programs_per_sm=2),
     )
 
 
-def warp_specialized_candidates() -> tuple[MatmulConfig, ...]:
-    """16-bit configurations with Triton's warp specialization that compile for sm_90 with all
-    three epilogues (Triton 3.6): 128-row tiles, ``num_warps=4`` per consumer warp group (12 warps
-    in all), device-side descriptors, no subtiling. Not in the default candidates until measured
-    (``python -m bench.linear_lab``); pass them as ``configs=`` to use them."""
-    return (MatmulConfig(128, 128, 64, 4, 4, device_descriptors=True, warp_specialize=True),
-            MatmulConfig(128, 256, 64, 3, 4, device_descriptors=True, warp_specialize=True))
+_TUNED: dict[tuple, Hashable] = {}
 
 
-_TUNED: dict[tuple, MatmulConfig] = {}
+def select_config(key: tuple, candidates: Sequence[Config],
+                  make_runner: Callable[[], Callable[[Config], object]]) -> Config:
+    """The fastest of ``candidates`` (hashable configurations, e.g. :class:`MatmulConfig`) for
+    ``key`` (op name first, then shape and dtypes), measured once per process.
 
-
-def select_config(key: tuple, candidates: Sequence[MatmulConfig],
-                  make_runner: Callable[[], Callable[[MatmulConfig], object]]) -> MatmulConfig:
-    """The fastest of ``candidates`` for ``key`` (op, shape, dtypes), measured once per process.
-
-    A single candidate (or, under the interpreter, the first) is returned without timing. Otherwise ``make_runner()`` is called once and
-    must return a function launching the op with a given config into scratch outputs (so tuning
-    never updates a caller's buffer in place twice); each candidate is timed by
-    ``triton.testing.do_bench`` (median) and ones that fail to compile or do not fit are skipped
-    with a warning. Tune before CUDA-graph capture (one eager call per shape).
+    A single candidate (or, under the interpreter, the first) is returned without timing.
+    Otherwise ``make_runner()`` is called once and must return a function launching the op with a
+    given config into scratch outputs (so tuning never updates a caller's buffer in place
+    twice); each candidate is compiled by one eager call, then timed as a replayed CUDA graph
+    (``triton.testing.do_bench_cudagraph``, median): the encoder replays graphs, and at small
+    shapes eager timings would rank the host-side launch cost instead of the kernel. Ones that
+    fail to compile or do not fit are skipped with a warning. Tune before CUDA-graph capture (one
+    eager call per shape).
     """
     if len(candidates) == 1 or INTERPRET:
         return candidates[0]  # nothing to choose, or interpreter timings that mean nothing
@@ -212,7 +211,8 @@ def select_config(key: tuple, candidates: Sequence[MatmulConfig],
         times = {}
         for cfg in candidates:
             try:
-                times[cfg] = triton.testing.do_bench(lambda: run(cfg), warmup=10, rep=40, return_mode="median")
+                run(cfg)
+                times[cfg] = triton.testing.do_bench_cudagraph(lambda: run(cfg), rep=30, return_mode="median")
             except (OutOfResources, CompilationError, PTXASError, RuntimeError) as err:
                 warnings.warn(f"{key[0]}: skipping {cfg}: {type(err).__name__}: {str(err)[:200]}")
         if not times:
@@ -221,20 +221,16 @@ def select_config(key: tuple, candidates: Sequence[MatmulConfig],
     return best
 
 
-def _scratch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, device="cuda", dtype=torch.int8)
-
-
 def matmul_operands(cfg: MatmulConfig, a: torch.Tensor, b: torch.Tensor, *outs: torch.Tensor) -> tuple:
     """The kernels' matrix arguments: host-side tensor descriptors, ``a`` [M, K] in
     ``block_m x block_k`` boxes, ``b`` [N, K] in ``block_n x block_k`` boxes and each of ``outs``
     [M, N] in ``block_m x store_n`` boxes (out-of-range rows/columns of a box load as zero and are
     dropped on store); or, with ``cfg.device_descriptors``, the tensors themselves (the kernel
-    builds the same descriptors, see :func:`tma_operand`; their scratch memory comes from a
-    Triton allocator, installed here unless the caller set one)."""
+    builds the same descriptors, see :func:`tma_operand`, in scratch memory from
+    :func:`use_torch_allocator`)."""
     if cfg.device_descriptors:
-        if a.device.type == "cuda" and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-            triton.set_allocator(_scratch_allocator)
+        if a.device.type == "cuda":
+            use_torch_allocator()
         return (a, b, *outs)
     return (TensorDescriptor.from_tensor(a, [cfg.block_m, cfg.block_k]),
             TensorDescriptor.from_tensor(b, [cfg.block_n, cfg.block_k]),

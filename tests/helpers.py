@@ -10,6 +10,13 @@ HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+requires_hopper = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9,
+                                     reason="needs an sm_90 (Hopper) GPU")
+
+#: Where the small kernel cases run (the GPU if there is one, else Triton's CPU interpreter) and
+#: in which dtypes (the interpreter has no bf16 dot).
+SMALL_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+SMALL_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if HAS_CUDA else ())
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 
 #: Per-kernel relative-error bounds ‖out−ref‖/‖ref‖ against the op's PyTorch function run in

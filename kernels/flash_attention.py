@@ -1,0 +1,368 @@
+"""Multi-head self-attention of the encoder, read straight from the packed qkv projection.
+
+The qkv linear layer writes ``[B*N, 3*H*D]``; viewed as ``qkv`` [B, N, 3, H, D], token n of
+batch b holds q, k, v of every head side by side: ``qkv[b, n, 0, h]`` is q of head h,
+``qkv[b, n, 1, h]`` its k, ``qkv[b, n, 2, h]`` its v. :func:`flash_attention` reads that buffer
+in place (no split, permute or contiguous copy) and writes ``out`` [B, N, H*D] with head h in
+columns ``h*D:(h+1)*D``, the layout the output projection reads:
+
+    out[b, n, h*D:(h+1)*D] = softmax(q_h k_h^T * scale)[n] @ v_h     (non-causal, all N keys)
+
+Algorithm (FlashAttention-2 forward): a program owns a tile of query rows of one (b, h) and
+streams every key/value block of that head through an online softmax in fp32 (running row
+max m, row sum l, unnormalised output acc), never materialising N x N. Numerics:
+
+* exp2 with ``scale * log2(e)`` folded into the one FFMA the exponent needs anyway,
+  ``p = exp2(s * c - m)`` with ``m`` kept in the log2 domain (folding it into Q instead would
+  save no instruction and add a rounding of Q);
+* products q k^T and p v on the tensor cores with fp32 accumulation; bf16/fp16 inputs: p is
+  rounded to the input dtype for the second product (unchanged by the fp32 setting below).
+  fp32 inputs: both products run as 3xTF32 (``input_precision="tf32x3"``: each operand split
+  into a tf32 high part and a tf32 remainder, three tf32 products: a relative error of about
+  2**-21 per product instead of tf32's 2**-11, which gave 1.5e-3 on the output), so fp32 is
+  about as exact as fp32 arithmetic; the price is three tf32 products, each at half bf16's
+  tensor-core rate: expect fp32 about 3x slower than bf16 or worse (not yet measured). Under
+  the interpreter fp32 is plain fp32;
+* the N % BLOCK_N ragged keys are handled by one masked step after the main loop, so the main
+  loop has no masks; query rows past N are computed from zeros and never stored. Rows past N
+  are never read from another batch: masked pointer loads, or TMA boxes that the descriptor's
+  per-batch shape zero-fills.
+
+Performance model (H100, bf16, D = 64): per (query, key) pair the two products cost as much
+tensor-core time as one MUFU ``ex2`` costs, and the ~7 other instructions per score (FFMA, max,
+sum, convert, rescale) about as much issue time again, so speed comes from keeping several warp
+groups per SM out of phase: Triton waits for each wgmma before its result is used, so the
+exponentials of one warp group only overlap the products of *another* program on the SM.
+
+Variants (:data:`VARIANTS`) switch the compile-time options of the one kernel, :func:`_attn_fwd`:
+
+* ``loader``: ``"ptr"`` pointer loads (masked tail, cp.async pipelining); ``"tma"`` host-side
+  tensor descriptors, a 3-D view [B, N, 3*H*D] with boxes [1, rows, D], so a box running past N
+  is zero-filled per batch.
+* ``split=2``: two query sub-tiles per program share each K/V block, each with its own
+  softmax chain: 128 rows of K/V reuse at a 64-row register footprint (2-3 programs per SM).
+
+By default :func:`flash_attention` tunes over the configurations of both ``"tma"`` and
+``"pingpong"`` (:data:`DEFAULT_VARIANTS`) and keeps the fastest per shape: on an H100 (bf16)
+that is ``tma`` 64x128 for one scan (B=1, few tiles) and ``pingpong`` 64x64 for a batch of 8.
+
+Head dimension 64 (every Brain-JEPA variant); any H, B, N >= 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.compiler import CompiledKernel
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._runtime import INTERPRET, check_dtype, check_out, select_config
+
+#: Channels per head (every Brain-JEPA variant); ``_D`` is the same for the kernels.
+HEAD_DIM = 64
+_D = tl.constexpr(HEAD_DIM)
+
+#: log2(e): exp(x) = exp2(x * LOG2E).
+LOG2E = 1.4426950408889634
+
+#: Tensor-core precision of f32 x f32 products (3xTF32, see the module docstring); products of
+#: fp16/bf16 operands are unaffected, the interpreter ignores it.
+_F32_PRECISION = tl.constexpr("tf32x3")
+
+
+@triton.jit
+def _load_tile(src, b, row, col, n_rows, stride_n,
+               ROWS: tl.constexpr, LOADER: tl.constexpr, MASKED: tl.constexpr):
+    """Rows [row, row + ROWS) x columns [col, col + D) of batch b of qkv viewed as
+    [B, N, 3*H*D]; rows at or past ``n_rows`` read as zero (MASKED; TMA always).
+
+    ``src``: LOADER "ptr": pointer to qkv[b, 0] (row stride ``stride_n``); "tma": the 3-D host
+    descriptor.
+    """
+    if LOADER == "ptr":
+        rows = row + tl.arange(0, ROWS)
+        ptrs = src + rows[:, None] * stride_n + (col + tl.arange(0, _D))[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    else:
+        tile = src.load([b, row, col]).reshape([ROWS, _D])
+    return tile
+
+
+@triton.jit
+def _store_tile(dst, b, row, col, n_rows, stride_n, tile, LOADER: tl.constexpr):
+    """out[b, row:row + ROWS, col:col + D] = tile, rows past ``n_rows`` dropped; ``dst`` as
+    ``src`` of :func:`_load_tile` for ``out`` [B, N, H*D]."""
+    ROWS: tl.constexpr = tile.shape[0]
+    if LOADER == "ptr":
+        rows = row + tl.arange(0, ROWS)
+        ptrs = dst + rows[:, None] * stride_n + (col + tl.arange(0, _D))[None, :]
+        tl.store(ptrs, tile, mask=rows[:, None] < n_rows)
+    else:
+        dst.store([b, row, col], tile.reshape([1, ROWS, _D]))
+
+
+@triton.jit
+def _attend(q, k_t, v, m_i, l_i, acc, qk_scale, start, N, MASKED: tl.constexpr):
+    """One online-softmax step of a query tile over one key block.
+
+    q [BM, D], k_t [D, BN], v [BN, D] (input dtype); m_i [BM] running max of the scaled scores in
+    log2 units, l_i [BM] running sum of p, acc [BM, D] running p @ v (all fp32). MASKED: key
+    columns ``start + j >= N`` get p = 0. Returns the updated (m_i, l_i, acc).
+    """
+    s = tl.dot(q, k_t, input_precision=_F32_PRECISION)
+    if MASKED:
+        cols = start + tl.arange(0, k_t.shape[1])
+        s = tl.where(cols[None, :] < N, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    acc = acc * alpha[:, None]
+    l_i = l_i * alpha
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    l_i += tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=_F32_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["N", "H"])
+def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
+              stride_b, stride_n, stride_ob, stride_on,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr):
+    """Attention of ``qkv`` [B, N, 3, H, D] into ``out`` [B, N, H*D].
+
+    LOADER "ptr": ``q_src`` = ``kv_src`` = qkv (batch stride ``stride_b``, token stride
+    ``stride_n``, the (3, H, D) part packed), ``o_dst`` = out (strides ``stride_ob``,
+    ``stride_on``). LOADER "tma": ``q_src``, ``kv_src`` host descriptors over qkv as
+    [B, N, 3*H*D] with boxes [1, BLOCK_M, D] and [1, BLOCK_N, D], ``o_dst`` one over out as
+    [B, N, H*D] with boxes [1, BLOCK_M, D]. ``qk_scale`` = softmax scale * log2(e).
+
+    Program ``(b * H + h) * n_m + pid_m`` computes out[b, rows, h*D:(h+1)*D] for the
+    SPLIT * BLOCK_M query rows from pid_m * SPLIT * BLOCK_M of head h: numbered head by head, so
+    programs running together work on few heads and those heads' K and V stay in L2.
+    """
+    n_m = tl.cdiv(N, SPLIT * BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_m
+    b = pid // n_m // H
+    h = pid // n_m % H
+    if LOADER == "ptr":
+        q_in = q_src + b.to(tl.int64) * stride_b
+        kv_in = q_in
+        o_out = o_dst + b.to(tl.int64) * stride_ob
+    else:
+        q_in = q_src
+        kv_in = kv_src
+        o_out = o_dst
+    q_col = h * _D
+    k_col = (H + h) * _D
+    v_col = (2 * H + h) * _D
+    row0 = pid_m * (SPLIT * BLOCK_M)
+
+    q0 = _load_tile(q_in, b, row0, q_col, N, stride_n, BLOCK_M, LOADER, True)
+    m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l0 = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, _D], tl.float32)
+    if SPLIT == 2:
+        q1 = _load_tile(q_in, b, row0 + BLOCK_M, q_col, N, stride_n, BLOCK_M, LOADER, True)
+        m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l1 = tl.zeros([BLOCK_M], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, _D], tl.float32)
+
+    # Keys [0, n_main) in the pipelined loop, unmasked, then the ragged rest in one masked step.
+    n_main = (N // BLOCK_N) * BLOCK_N
+    for start in tl.range(0, n_main, BLOCK_N):
+        k = _load_tile(kv_in, b, start, k_col, N, stride_n, BLOCK_N, LOADER, False)
+        v = _load_tile(kv_in, b, start, v_col, N, stride_n, BLOCK_N, LOADER, False)
+        m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, start, N, False)
+        if SPLIT == 2:
+            m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, start, N, False)
+    if n_main < N:
+        k = _load_tile(kv_in, b, n_main, k_col, N, stride_n, BLOCK_N, LOADER, True)
+        v = _load_tile(kv_in, b, n_main, v_col, N, stride_n, BLOCK_N, LOADER, True)
+        m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, n_main, N, True)
+        if SPLIT == 2:
+            m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, n_main, N, True)
+
+    out_dtype = q0.dtype
+    _store_tile(o_out, b, row0, q_col, N, stride_on, (acc0 * (1.0 / l0)[:, None]).to(out_dtype), LOADER)
+    if SPLIT == 2:
+        _store_tile(o_out, b, row0 + BLOCK_M, q_col, N, stride_on, (acc1 * (1.0 / l1)[:, None]).to(out_dtype),
+                    LOADER)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants and launcher
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Launch shape: ``block_m`` query rows per sub-tile (a program owns ``split * block_m``),
+    ``block_n`` keys per step, ``num_warps``, ``num_stages`` (K/V buffers in flight)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Compile-time options of :func:`_attn_fwd` and the configurations tuned over on the GPU
+    (``configs`` for fp16/bf16, ``configs_fp32`` for fp32 inputs)."""
+
+    loader: str
+    split: int
+    configs: tuple[AttnConfig, ...]
+    configs_fp32: tuple[AttnConfig, ...]
+
+    def meta(self) -> dict:
+        """Compile-time arguments of :func:`_attn_fwd` (besides the block sizes)."""
+        return dict(SPLIT=self.split, LOADER=self.loader)
+
+    def configs_for(self, dtype: torch.dtype) -> tuple[AttnConfig, ...]:
+        return self.configs_fp32 if dtype == torch.float32 else self.configs
+
+
+#: name -> variant. H100, bf16, head dim 64, TFLOP/s at qkv [8, 4500, 3, 12, 64] | [1, 4500, ...]
+#: with each variant's best configuration. fp32 (3xTF32) configurations: the ones that compile
+#: for sm_90 without spilling registers (the pingpong pair spills in every shape tried: two
+#: query sub-tiles, each split into high and low tf32 parts, do not fit; its one fp32
+#: configuration is the least bad).
+VARIANTS: dict[str, Variant] = {
+    # The textbook loop over the packed layout, plus exp2 folding and an unmasked main loop: the
+    # baseline (397 | 319 with 128x64 w4 s3).
+    "ptr": Variant("ptr", 1, configs=(AttnConfig(128, 64, 4, 3), AttnConfig(128, 128, 8, 3)),
+                   configs_fp32=(AttnConfig(128, 32, 8, 2), AttnConfig(64, 32, 4, 3))),
+    # TMA loads: no address arithmetic or cp.async bookkeeping in the loop, bulk async copies
+    # (427 | 350 with 64x128 w4 s3: 64-row programs, twice as many for the few tiles at B=1).
+    "tma": Variant("tma", 1, configs=(AttnConfig(64, 128, 4, 3), AttnConfig(128, 64, 4, 3)),
+                   configs_fp32=(AttnConfig(128, 64, 8, 2), AttnConfig(64, 64, 4, 2))),
+    # Two 64-row sub-tiles per program share each K/V block, each with its own softmax chain:
+    # 128 rows of K/V reuse (half the L2 traffic of 64-row programs) with 4 warps and few enough
+    # registers for 2-3 programs per SM, whose exponentials and products interleave
+    # (432 | 315 with 64x64 w4 s3).
+    "pingpong": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3), AttnConfig(64, 128, 4, 2)),
+                        configs_fp32=(AttnConfig(64, 32, 4, 2),)),
+}
+
+#: Variants whose configurations :func:`flash_attention` tunes over unless told one variant.
+DEFAULT_VARIANTS = ("pingpong", "tma")
+
+#: The one configuration under the interpreter: small blocks, every code path still taken.
+INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
+
+
+def _variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {name!r}")
+    return VARIANTS[name]
+
+
+def candidates(dtype: torch.dtype, variant: Optional[str] = None,
+               configs: Optional[Sequence[AttnConfig]] = None) -> tuple[tuple[str, AttnConfig], ...]:
+    """(variant, configuration) pairs :func:`flash_attention` tunes over for inputs of ``dtype``:
+    those of ``variant``, or of every one of :data:`DEFAULT_VARIANTS` (their union); ``configs``
+    replaces each variant's own list (under the interpreter: :data:`INTERPRET_CONFIG`, and the
+    first pair is used untimed)."""
+    names = (variant,) if variant is not None else DEFAULT_VARIANTS
+    for name in names:
+        _variant(name)
+    if configs:
+        return tuple((name, cfg) for name in names for cfg in configs)
+    if INTERPRET:
+        return tuple((name, INTERPRET_CONFIG) for name in names)
+    return tuple((name, cfg) for name in names for cfg in VARIANTS[name].configs_for(dtype))
+
+
+def _check_qkv(qkv: torch.Tensor) -> tuple[int, int, int]:
+    check_dtype(qkv, "qkv")
+    if qkv.dim() != 5 or qkv.shape[2] != 3 or qkv.shape[4] != HEAD_DIM:
+        raise ValueError(f"qkv: expected [B, N, 3, H, {HEAD_DIM}], got {tuple(qkv.shape)}")
+    B, N, _, H, D = qkv.shape
+    if qkv.stride()[2:] != (H * D, D, 1):
+        raise ValueError(f"qkv: the (3, H, D) part of each token must be packed (strides {(H * D, D, 1)}), "
+                         f"got strides {qkv.stride()}")
+    return B, N, H
+
+
+def _check_tma(t: torch.Tensor, name: str) -> None:
+    """Tensor descriptors need a 16-byte aligned base and 16-byte multiple strides."""
+    if t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:2]):
+        raise ValueError(f"{name}: TMA variants need a 16-byte aligned base and batch/token strides that are "
+                         f"multiples of 16 bytes (strides {t.stride()}, {t.dtype}); use variant='ptr'")
+
+
+def kernel_args(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, variant: str,
+                sm_scale: Optional[float] = None) -> tuple[tuple, dict]:
+    """Positional and keyword arguments of :func:`_attn_fwd` for one launch (TMA variants: host
+    descriptors over ``qkv`` and ``out``, after the alignment checks)."""
+    spec = _variant(variant)
+    B, N, _, H, D = qkv.shape
+    qk_scale = (D ** -0.5 if sm_scale is None else sm_scale) * LOG2E
+    if spec.loader == "tma":
+        _check_tma(qkv, "qkv")
+        _check_tma(out, "out")
+        qkv3 = (B, N, 3 * H * D), (qkv.stride(0), qkv.stride(1), 1)
+        q_src = TensorDescriptor(qkv, *qkv3, block_shape=[1, cfg.block_m, D])
+        kv_src = TensorDescriptor(qkv, *qkv3, block_shape=[1, cfg.block_n, D])
+        o_dst = TensorDescriptor(out, (B, N, H * D), (out.stride(0), out.stride(1), 1), block_shape=[1, cfg.block_m, D])
+    else:
+        q_src, kv_src, o_dst = qkv, qkv, out
+    args = (q_src, kv_src, o_dst, qk_scale, N, H, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1))
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **spec.meta(), num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+    return args, meta
+
+
+def launch(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, variant: str,
+           sm_scale: Optional[float] = None) -> Optional[CompiledKernel]:
+    """One launch of ``variant`` with the fixed configuration ``cfg`` (no tuning, no checks of
+    qkv and out beyond TMA alignment; see :func:`flash_attention`). Returns Triton's compiled
+    kernel (``n_regs``, ``n_spills``, ``asm``), or None under the interpreter."""
+    args, meta = kernel_args(qkv, out, cfg, variant, sm_scale)
+    B, N, _, H, _ = qkv.shape
+    grid = (triton.cdiv(N, VARIANTS[variant].split * cfg.block_m) * B * H,)
+    return _attn_fwd[grid](*args, **meta)
+
+
+def flash_attention(qkv: torch.Tensor, out: Optional[torch.Tensor] = None, sm_scale: Optional[float] = None, *,
+                    variant: Optional[str] = None, configs: Optional[Sequence[AttnConfig]] = None) -> torch.Tensor:
+    """Non-causal softmax attention of the packed projection ``qkv`` [B, N, 3, H, 64].
+
+    qkv: fp32/fp16/bf16, e.g. ``linear_out.view(B, N, 3, H, 64)``; any batch and token strides,
+    the (3, H, 64) part of a token packed (TMA variants: 16-byte aligned base and strides).
+    out: [B, N, H*64] contiguous, qkv's dtype, not overlapping qkv; allocated when None.
+    sm_scale: default 64**-0.5. variant: a key of :data:`VARIANTS` to force one variant (default:
+    tune over the union of :data:`DEFAULT_VARIANTS`' configurations). configs: launch shapes to
+    tune over instead of the variants' own (see :func:`candidates`); the fastest (variant,
+    configuration) pair is picked on first use of each (B, N, H, dtype). Returns ``out``.
+    """
+    B, N, H = _check_qkv(qkv)
+    pairs = candidates(qkv.dtype, variant, configs)
+    if out is None:
+        out = torch.empty((B, N, H * HEAD_DIM), device=qkv.device, dtype=qkv.dtype)
+    check_out(out, (B, N, H * HEAD_DIM), qkv.dtype, qkv.device)
+    if out.numel() == 0:
+        return out
+
+    def run(pair: tuple[str, AttnConfig]) -> None:
+        launch(qkv, out, pair[1], pair[0], sm_scale)
+
+    run(select_config(("flash_attention", B, N, H, qkv.dtype), pairs, lambda: run))
+    return out
+
+
+def attention_reference(qkv: torch.Tensor, sm_scale: Optional[float] = None) -> torch.Tensor:
+    """``softmax(q @ k^T * scale) @ v`` per head in float32 from ``qkv`` [B, N, 3, H, D];
+    returns [B, N, H*D] float32 (the function :func:`flash_attention` must equal)."""
+    B, N, _, H, D = qkv.shape
+    q, k, v = qkv.float().permute(2, 0, 3, 1, 4)  # each [B, H, N, D]
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    return (p @ v).transpose(1, 2).reshape(B, N, H * D)

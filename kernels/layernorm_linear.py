@@ -1,0 +1,202 @@
+"""LayerNorm fused into the matmul that follows it (qkv and fc1 of every encoder block).
+
+For a row x of K elements with mean mu and rstd r, LayerNorm with gain g and shift beta followed
+by ``nn.Linear(W [N, K], b)`` is
+
+    LN(x) @ W^T + b = r * (x @ (W * g)^T - mu * rowsum(W * g)) + (b + W @ beta).
+
+So the LayerNorm's gain and shift are folded into the weights once, at load time
+(:func:`fold_layernorm`): ``W' = W * g[None, :]`` rounded to the compute dtype, ``b' = b + W @ beta``
+and ``c = rowsum(W')`` in float32, ``c`` taken from the *rounded* ``W'`` so that the mean term
+cancels exactly against what the tensor cores multiply. The kernel's main loop is then a plain
+matmul of the raw activations with ``W'`` (TMA loads, wgmma on Hopper: no normalised copy of x in
+memory, no register round trip of the A tile) and the LayerNorm lives in the epilogue,
+``y = rstd * (acc - mean * c) + b'``, with (mean, rstd) per row from
+:func:`kernels.layernorm.row_stats` (one extra read of x) or passed in. The epilogue optionally
+applies the exact erf GELU (fc1).
+
+Precision: in fp16/bf16 the products are exact in the fp32 accumulator and the subtraction is
+exact for the rounded ``W'``, so the result is as accurate as ``F.linear`` on a normalised bf16
+copy (it skips that copy's rounding). In fp32 the dots run as tf32; the raw x is rounded to tf32
+rather than the centred one, so the error grows like |mean| / std of a row.
+
+Schedule (see :class:`kernels._runtime.MatmulConfig`): persistent grid of one program per SM
+walking output tiles in grouped order, host-side tensor descriptors for x, W' and the output,
+software-pipelined K loop, optionally subtiled epilogue.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._runtime import (MatmulConfig, as_rows, check_dtype, check_out, check_tma_matrix, grouped_tile,
+                       matmul_candidates, matmul_operands, select_config, tma_operand)
+from .layernorm import row_stats
+
+ACTIVATIONS = (None, "gelu")
+
+
+@triton.jit
+def _ln_epilogue(acc, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, N,
+                 BLOCK_N: tl.constexpr, GELU: tl.constexpr):
+    """Store ``act(rstd * (acc - mean * c) + b')`` for the [BLOCK_M, BLOCK_N] tile at (off_m, off_n);
+    ``mean``, ``rstd`` are the tile's rows' statistics [BLOCK_M]."""
+    cols = off_n + tl.arange(0, BLOCK_N)
+    c = tl.load(colsum_ptr + cols, mask=cols < N, other=0.0)
+    b = tl.load(bias_ptr + cols, mask=cols < N, other=0.0)
+    y = rstd[:, None] * (acc - mean[:, None] * c[None, :]) + b[None, :]
+    if GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    out_desc.store([off_m, off_n], y.to(out_desc.dtype))
+
+
+@triton.jit(do_not_specialize=["M", "num_programs"])
+def _ln_linear_kernel(x_desc, w_desc, out_desc, stats_ptr, colsum_ptr, bias_ptr,
+                      M, N, K, num_programs,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
+                      DEVICE_DESC: tl.constexpr, GELU: tl.constexpr):
+    """out [M, N] = act(LN(x) @ W^T + b) from raw x [M, K], folded W' [N, K] (descriptors, or
+    pointers with DEVICE_DESC), stats [M, 2] (mean, rstd) fp32, colsum c [N] fp32 and folded bias
+    b' [N] fp32. Program p handles tiles p, p + num_programs, ... (num_programs = #tiles: one each)."""
+    STORE_N: tl.constexpr = BLOCK_N // 2 if SUBTILE else BLOCK_N
+    x_desc = tma_operand(x_desc, M, K, BLOCK_M, BLOCK_K, DEVICE_DESC)
+    w_desc = tma_operand(w_desc, N, K, BLOCK_N, BLOCK_K, DEVICE_DESC)
+    out_desc = tma_operand(out_desc, M, N, BLOCK_M, STORE_N, DEVICE_DESC)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # The epilogue recomputes its tile from a counter of its own: when the tile and K loops are
+    # flattened, the next tile's loads are issued during this tile's epilogue, and Triton's
+    # pipeliner is known to mishandle a value shared by both (see its persistent-matmul tutorial).
+    tile_id_c = tl.program_id(0) - num_programs
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs,
+                            flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, w.T, acc)
+
+        tile_id_c += num_programs
+        pid_m, pid_n = grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rows = off_m + tl.arange(0, BLOCK_M)
+        mean = tl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
+        rstd = tl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
+        if SUBTILE:
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _ln_epilogue(left, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, N, BLOCK_N // 2, GELU)
+            _ln_epilogue(right, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n + BLOCK_N // 2, N,
+                         BLOCK_N // 2, GELU)
+        else:
+            _ln_epilogue(acc, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, N, BLOCK_N, GELU)
+
+
+class FoldedLinear(NamedTuple):
+    """A LayerNorm + ``nn.Linear`` pair folded for :func:`layernorm_linear_folded`.
+
+    ``weight`` [N, K] compute dtype: ``W * ln_w[None, :]``; ``bias`` [N] float32:
+    ``b + W @ ln_b``; ``colsum`` [N] float32: ``weight.float().sum(1)``.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    colsum: torch.Tensor
+
+
+def fold_layernorm(ln_w: torch.Tensor, ln_b: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                   dtype: Optional[torch.dtype] = None) -> FoldedLinear:
+    """Fold LayerNorm gain ``ln_w`` [K] and shift ``ln_b`` [K] into the linear layer ``w`` [N, K]
+    (``nn.Linear`` layout), ``b`` [N]; the weight is rounded to ``dtype`` (default ``w.dtype``).
+    Sums are taken in float64 and stored in float32. Done once when the encoder loads."""
+    N, K = w.shape
+    if tuple(ln_w.shape) != (K,) or tuple(ln_b.shape) != (K,) or tuple(b.shape) != (N,):
+        raise ValueError(f"fold_layernorm: w {tuple(w.shape)} needs ln_w, ln_b of shape ({K},) and b of ({N},), "
+                         f"got {tuple(ln_w.shape)}, {tuple(ln_b.shape)}, {tuple(b.shape)}")
+    w64 = w.double()
+    weight = (w64 * ln_w.double()[None, :]).to(dtype or w.dtype).contiguous()
+    bias = (b.double() + w64 @ ln_b.double()).float()
+    colsum = weight.double().sum(1).float()
+    return FoldedLinear(weight, bias, colsum)
+
+
+def _check_folded(folded: FoldedLinear, K: int, dtype: torch.dtype, device: torch.device) -> int:
+    w = folded.weight
+    if w.dim() != 2 or w.shape[1] != K or w.dtype != dtype or w.device != device:
+        raise ValueError(f"folded.weight: expected [N, {K}] {dtype} on {device} (x's), got "
+                         f"{tuple(w.shape)} {w.dtype} on {w.device}")
+    check_tma_matrix(w, "folded.weight")
+    N = w.shape[0]
+    for t, name in ((folded.bias, "folded.bias"), (folded.colsum, "folded.colsum")):
+        if tuple(t.shape) != (N,) or t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous float32 tensor of shape ({N},) on {device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    return N
+
+
+def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: Optional[str] = None,
+                            eps: float = 1e-6, stats: Optional[torch.Tensor] = None,
+                            out: Optional[torch.Tensor] = None, *,
+                            configs: Optional[Sequence[MatmulConfig]] = None) -> torch.Tensor:
+    """``act(LayerNorm(x) @ W^T + b)`` with the LayerNorm folded into ``folded`` (the hot path).
+
+    x: [..., K] contiguous, fp32/fp16/bf16, dtype of ``folded.weight`` [N, K]; K * itemsize and
+    N * itemsize multiples of 16 bytes (TMA). activation: None or ``"gelu"`` (exact erf).
+    stats: [M, 2] float32 (mean, rstd) per row of x (M = x.numel() / K), e.g. shared with another
+    consumer; computed by :func:`row_stats` with ``eps`` when None. out: [..., N] in x.dtype,
+    contiguous, not overlapping x. configs: candidate tile configurations (default
+    :func:`matmul_candidates`); the fastest is picked on first use of each shape. Returns ``out``.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    check_dtype(x, "x")
+    x2 = as_rows(x, "x")
+    check_tma_matrix(x2, "x")
+    M, K = x2.shape
+    N = _check_folded(folded, K, x.dtype, x.device)
+    if out is None:
+        out = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+    check_out(out, (*x.shape[:-1], N), x.dtype, x.device)
+    if M == 0:
+        return out
+    out2 = out.view(M, N)
+    check_tma_matrix(out2, "out")
+    if stats is None:
+        stats = row_stats(x2, eps)
+    check_out(stats, (M, 2), torch.float32, x.device, "stats")
+
+    def launch(cfg: MatmulConfig) -> None:
+        x_desc, w_desc, out_desc = matmul_operands(cfg, x2, folded.weight, out2)
+        programs = cfg.num_programs(M, N, x.device)
+        _ln_linear_kernel[(programs,)](x_desc, w_desc, out_desc, stats, folded.colsum, folded.bias,
+                                       M, N, K, programs, GELU=activation == "gelu", **cfg.meta())
+
+    candidates = tuple(configs) if configs else matmul_candidates(x.dtype, x.device)
+    launch(select_config(("layernorm_linear", M, N, K, x.dtype, activation), candidates, lambda: launch))
+    return out
+
+
+def layernorm_linear(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w: torch.Tensor,
+                     b: torch.Tensor, activation: Optional[str] = None, eps: float = 1e-6,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(F.linear(F.layer_norm(x, (K,), ln_w, ln_b, eps), w, b))`` for x [..., K], ``w`` [N, K]
+    (``nn.Linear`` layout), ``b`` [N]; returns [..., N] in x.dtype.
+
+    Folds the LayerNorm into the weights on every call (a few small kernels); the encoder folds
+    once at load with :func:`fold_layernorm` and calls :func:`layernorm_linear_folded`.
+    """
+    return layernorm_linear_folded(x, fold_layernorm(ln_w, ln_b, w, b, x.dtype), activation, eps, out=out)
+
+
+def layernorm_linear_reference(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w: torch.Tensor,
+                               b: torch.Tensor, activation: Optional[str] = None, eps: float = 1e-6) -> torch.Tensor:
+    """The unfused PyTorch ops :func:`layernorm_linear` must equal."""
+    y = F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), w, b)
+    return F.gelu(y, approximate="none") if activation == "gelu" else y
