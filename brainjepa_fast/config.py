@@ -68,3 +68,17 @@ def parse_precision(name: str) -> "torch.dtype":
         return table[name]
     except KeyError:
         raise ConfigError(f"unknown precision {name!r}: expected one of {', '.join(PRECISIONS)}") from None
+
+
+#: Documented accuracy of the whole encoder: bound on ``‖out − ref‖ / ‖ref‖`` against the fp32
+#: PyTorch path on the same checkpoint and scans, per (backend, precision). The Triton fp32 path
+#: runs its matmuls as tf32 (10-bit mantissa; attention products as 3xTF32), which over 12
+#: blocks lands near 1.3e-3 (measured on an H100), hence 2e-3; bf16 and fp16 bounds are issue #3's.
+ENCODER_TOLERANCE = {
+    ("torch", "fp32"): 1e-5,
+    ("torch", "bf16"): 1.5e-2,
+    ("torch", "fp16"): 2.5e-3,
+    ("triton", "fp32"): 2e-3,
+    ("triton", "bf16"): 1.5e-2,
+    ("triton", "fp16"): 2.5e-3,
+}
