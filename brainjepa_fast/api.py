@@ -66,8 +66,8 @@ def as_batch(x: ArrayLike) -> torch.Tensor:
     t = torch.as_tensor(x) if isinstance(x, np.ndarray) else x
     if not isinstance(t, torch.Tensor):
         raise ScanError(f"expected a tensor or ndarray, got {type(x).__name__}")
-    if not t.is_floating_point():
-        t = t.float()
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        t = t.float()  # integers and float64 (numpy's default); the encoder casts to its own dtype
     if t.ndim == 2:
         t = t[None, None]
     elif t.ndim == 3:
@@ -92,6 +92,8 @@ def encode(
     With ``encoder=None`` the encoder is built by ``load(**load_kwargs)`` (``weights=`` needed).
     Runs without autograd, ``batch_size`` scans at a time (default: all), and returns the
     embeddings on the encoder's device in its dtype: ``[B, 4500, 768]`` for standard scans.
+    Scans move to the device as they are (float32 usually): the Triton patch embedding reads them
+    in their own dtype, the PyTorch path casts them.
     """
     if encoder is None:
         if "weights" not in load_kwargs:
@@ -105,6 +107,6 @@ def encode(
     outs = []
     with torch.inference_mode():
         for i in range(0, batch.shape[0], step):
-            chunk = batch[i : i + step].to(device=ref.device, dtype=ref.dtype, non_blocking=True)
+            chunk = batch[i : i + step].to(device=ref.device, non_blocking=True)
             outs.append(encoder(chunk))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
