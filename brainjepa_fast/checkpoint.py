@@ -47,7 +47,10 @@ def _load_pth(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or non-pickle files
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}): expected a .safetensors file, or a "
+            ".pth/.pth.tar written by torch.save that loads with weights_only=True (tensors, dicts, numbers)"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of components, got {type(obj).__name__}")
     return obj
