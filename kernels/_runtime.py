@@ -260,6 +260,27 @@ def grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """fp32 accumulator [BLOCK_M, BLOCK_N] of output tile ``tile_id`` (grouped order) of
+    ``x [M, K] @ w [N, K]^T``, both read through TMA descriptors: the main loop the persistent
+    matmul kernels share (inlined, so their tile and K loops still flatten into one)."""
+    pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in range(tl.cdiv(K, BLOCK_K)):
+        a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+        w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+        acc = tl.dot(a, w.T, acc)
+    return acc
+
+
+@triton.jit
+def split_columns(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The left and right [BLOCK_M, BLOCK_N / 2] halves of a tile (subtiled epilogues)."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
 def _torch_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 

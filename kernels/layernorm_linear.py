@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from ._runtime import (MatmulConfig, as_rows, check_dtype, check_out, check_tma_matrix, grouped_tile,
-                       matmul_candidates, matmul_operands, select_config, tma_operand)
+                       matmul_candidates, matmul_operands, select_config, split_columns, tile_matmul,
+                       tma_operand)
 from .layernorm import row_stats
 
 ACTIVATIONS = (None, "gelu")
@@ -69,19 +70,13 @@ def _ln_linear_kernel(x_desc, w_desc, out_desc, stats_ptr, colsum_ptr, bias_ptr,
     out_desc = tma_operand(out_desc, M, N, BLOCK_M, STORE_N, DEVICE_DESC)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     # The epilogue recomputes its tile from a counter of its own: when the tile and K loops are
     # flattened, the next tile's loads are issued during this tile's epilogue, and Triton's
     # pipeliner is known to mishandle a value shared by both (see its persistent-matmul tutorial).
     tile_id_c = tl.program_id(0) - num_programs
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs,
                             flatten=FLATTEN):
-        pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-            acc = tl.dot(a, w.T, acc)
+        acc = tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
         tile_id_c += num_programs
         pid_m, pid_n = grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
@@ -91,7 +86,7 @@ def _ln_linear_kernel(x_desc, w_desc, out_desc, stats_ptr, colsum_ptr, bias_ptr,
         mean = tl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
         rstd = tl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
         if SUBTILE:
-            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            left, right = split_columns(acc, BLOCK_M, BLOCK_N)
             _ln_epilogue(left, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, N, BLOCK_N // 2, GELU)
             _ln_epilogue(right, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n + BLOCK_N // 2, N,
                          BLOCK_N // 2, GELU)

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ._runtime import (MatmulConfig, as_rows, check_dtype, check_out, check_tma_matrix, grouped_tile,
-                       matmul_candidates, matmul_operands, select_config, tma_operand)
+                       matmul_candidates, matmul_operands, select_config, split_columns, tile_matmul,
+                       tma_operand)
 
 
 @triton.jit
@@ -49,24 +50,18 @@ def _linear_residual_kernel(x_desc, w_desc, res_desc, out_desc, bias_ptr, M, N, 
     out_desc = tma_operand(out_desc, M, N, BLOCK_M, STORE_N, DEVICE_DESC)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
     # Separate epilogue counter: see kernels.layernorm_linear._ln_linear_kernel.
     tile_id_c = tl.program_id(0) - num_programs
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs,
                             flatten=FLATTEN):
-        pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-            acc = tl.dot(a, w.T, acc)
+        acc = tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
         tile_id_c += num_programs
         pid_m, pid_n = grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         if SUBTILE:
-            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            left, right = split_columns(acc, BLOCK_M, BLOCK_N)
             _residual_epilogue(left, bias_ptr, res_desc, out_desc, off_m, off_n, N, BLOCK_N // 2)
             _residual_epilogue(right, bias_ptr, res_desc, out_desc, off_m, off_n + BLOCK_N // 2, N, BLOCK_N // 2)
         else:
