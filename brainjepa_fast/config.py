@@ -14,6 +14,7 @@ N_GRADIENTS = 30        # columns of the brain-gradient table
 PATCH_T = 16            # frames per temporal patch (Conv2d kernel (1, 16))
 PRETRAIN_FRAMES = 160   # the model was pretrained on 160 frames = 10 time patches
 LN_EPS = 1e-6
+CPU_ATTENTION_CHUNK = 512  # query rows per step of the bf16 CPU attention (model.cpu_attention)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LN_EPS, N_ROIS, PATCH_T, PRETRAIN_FRAMES, EncoderConfig, get_config
+from .config import CPU_ATTENTION_CHUNK, LN_EPS, N_ROIS, PATCH_T, PRETRAIN_FRAMES, EncoderConfig, get_config
 from .errors import ConfigError, ScanError
 from .position import PathLike, gradient_table, load_gradient, time_table
 
@@ -63,8 +63,42 @@ class GradientPositionEmbedding(nn.Module):
         return torch.cat([emb_t, emb_g], dim=1)
 
 
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int = CPU_ATTENTION_CHUNK) -> torch.Tensor:
+    """Exact ``softmax(q kᵀ / √d) v`` for CPU inference in bf16, one head at a time.
+
+    ``q, k, v``: ``[B, H, N, d]`` (any strides) -> ``[B, H, N, d]``. Scores are formed for
+    ``chunk`` query rows of one head at a time (``[chunk, N]``, a few MB, cache-resident)
+    as two matrix products and a softmax. PyTorch's CPU SDPA runs bf16 at fp32 speed on CPUs
+    without AMX (measured 366 vs 142 ms a layer on a 2-core AMD EPYC, see ``bench/NOTES.md``);
+    the scores round to bf16 before the softmax (fp32 inside), which the bf16 whole-encoder
+    tolerance covers. (fp16 matrix products are ~20x slower than SDPA on such CPUs, so fp16
+    keeps SDPA.) No autograd: it keeps no ``N x N`` state for backward.
+    """
+    B, H, N, d = q.shape
+    out = q.new_empty(B, H, N, d)
+    scale = d ** -0.5
+    for b in range(B):
+        for h in range(H):
+            qh, kt, vh = q[b, h] * scale, k[b, h].t(), v[b, h]
+            for i in range(0, N, chunk):
+                probs = torch.softmax(torch.mm(qh[i : i + chunk], kt), dim=-1)
+                torch.mm(probs, vh, out=out[b, h, i : i + chunk])
+    return out
+
+
+def use_cpu_attention(x: torch.Tensor) -> bool:
+    """Whether :func:`cpu_attention` serves ``x``: CPU, bf16, no autograd."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not (
+        torch.is_grad_enabled() and x.requires_grad
+    )
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over all tokens: ``qkv`` (with bias) -> SDPA -> ``proj``."""
+    """Multi-head self-attention over all tokens: ``qkv`` (with bias) -> attention -> ``proj``.
+
+    Attention is ``F.scaled_dot_product_attention``, except for bf16 CPU inference,
+    where :func:`cpu_attention` is faster.
+    """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -75,7 +109,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [B, H, N, hd]
+        attention = cpu_attention if use_cpu_attention(qkv) else F.scaled_dot_product_attention
+        out = attention(qkv[0], qkv[1], qkv[2])  # [B, H, N, hd]
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
