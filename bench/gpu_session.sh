@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call = one experiment: environment, install, then the named steps, logs under $OUT.
 #   bash bench/gpu_session.sh tests attention linear compare
-# Steps: tests (GPU pytest of kernels + encoder), attention / linear (kernel labs),
+# Steps: tests (GPU pytest of kernels + encoder), attention / linear / linear-bf16 (kernel labs),
 # compare (python -m bench.compare), bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,6 +19,7 @@ for step in "$@"; do
     tests) python3 -m pytest -q -m gpu -rA tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|rel err|peak|FAIL" ;;
     attention) python3 -m bench.attention_lab --out "$OUT/attention_lab.json" 2>&1 | tee "$OUT/attention_lab.log" | tail -40 ;;
     linear) python3 -m bench.linear_lab --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -40 ;;
+    linear-bf16) python3 -m bench.linear_lab --dtypes bf16 --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -30 ;;
     compare) python3 -m bench.compare --out "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     bench) python3 -m pytest -q bench --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -40 ;;
     *) echo "unknown step $step" ;;

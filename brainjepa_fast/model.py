@@ -69,7 +69,8 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int 
     ``q, k, v``: ``[B, H, N, d]`` (any strides) -> ``[B, H, N, d]``. Scores are formed for
     ``chunk`` query rows of one head at a time (``[chunk, N]``, a few MB, cache-resident)
     as two matrix products and a softmax. PyTorch's CPU SDPA runs bf16 at fp32 speed on CPUs
-    without AMX (measured 366 vs 142 ms a layer on a 2-core AMD EPYC, see ``bench/NOTES.md``);
+    without AMX (measured 366 vs 142 ms a layer on a 2-core AMD EPYC, see ``bench/NOTES.md``;
+    on AMX CPUs SDPA packs bf16 for the matrix units and is kept, see :func:`use_cpu_attention`);
     the scores round to bf16 before the softmax (fp32 inside), which the bf16 whole-encoder
     tolerance covers. (fp16 matrix products are ~20x slower than SDPA on such CPUs, so fp16
     keeps SDPA.) No autograd: it keeps no ``N x N`` state for backward.
@@ -86,11 +87,16 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int 
     return out
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, with which PyTorch's SDPA runs bf16 on the matrix units."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 def use_cpu_attention(x: torch.Tensor) -> bool:
-    """Whether :func:`cpu_attention` serves ``x``: CPU, bf16, no autograd."""
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not (
-        torch.is_grad_enabled() and x.requires_grad
-    )
+    """Whether :func:`cpu_attention` serves ``x``: bf16 on a CPU without AMX, no autograd."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and x.requires_grad)
+            and not cpu_has_amx())
 
 
 class Attention(nn.Module):

@@ -147,8 +147,9 @@ def test_cpu_attention_equals_sdpa(n, chunk):
 
 
 def test_attention_routes_bf16_cpu_inference_only(monkeypatch):
-    """bf16 CPU inference takes cpu_attention; autograd, fp32 and fp16 keep SDPA."""
+    """bf16 CPU inference without AMX takes cpu_attention; autograd, fp32, fp16 and AMX CPUs keep SDPA."""
     calls = []
+    monkeypatch.setattr(model, "cpu_has_amx", lambda: False)
     monkeypatch.setattr(model, "cpu_attention", lambda *qkv: calls.append("cpu") or F.scaled_dot_product_attention(*qkv))
     attn = model.Attention(128, 2)
     x = torch.randn(1, 20, 128)
@@ -158,6 +159,11 @@ def test_attention_routes_bf16_cpu_inference_only(monkeypatch):
         with torch.set_grad_enabled(grad):
             attn.to(dtype)(x.to(dtype))
         assert calls == expected, (dtype, grad)
+    monkeypatch.setattr(model, "cpu_has_amx", lambda: True)  # SDPA uses the AMX units: keep it
+    calls.clear()
+    with torch.no_grad():
+        attn.to(torch.bfloat16)(x.bfloat16())
+    assert calls == []
 
 
 def test_gradient_table_stays_float32_after_cast():
