@@ -112,3 +112,21 @@ def test_autograd_falls_back_to_torch_on_auto(ckpt):
     enc.set_backend("triton")
     with pytest.raises(bj.ConfigError, match="inference-only"):
         enc(torch.randn(1, 1, 450, 32, device="cuda"))
+
+
+@requires_triton
+def test_plan_rebuilds_on_any_parameter_change():
+    """The prepared weights are reused while nothing changed, and rebuilt after an in-place
+    update of any parameter or the replacement of a parameter object (CPU: no kernels run)."""
+    enc = bj.Encoder("vit_small")
+    runner = TritonRunner()
+    plan = runner.plan(enc, 10)
+    assert runner.plan(enc, 10) is plan
+    with torch.no_grad():
+        enc.blocks[3].mlp.fc1.weight.add_(1.0)
+    updated = runner.plan(enc, 10)
+    assert updated is not plan
+    assert torch.equal(updated.blocks[3].fc1.weight, (enc.blocks[3].mlp.fc1.weight * enc.blocks[3].norm2.weight))
+    enc.blocks[0].attn.proj.weight = torch.nn.Parameter(enc.blocks[0].attn.proj.weight + 1.0)
+    replaced = runner.plan(enc, 10)
+    assert replaced is not updated and replaced.blocks[0].proj_w is enc.blocks[0].attn.proj.weight
