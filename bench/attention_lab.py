@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import torch
 import triton
 
+from brainjepa_kernels._runtime import _TUNED
 from brainjepa_kernels.flash_attention import VARIANTS, AttnConfig, attention_reference, flash_attention, launch
 from tests.helpers import KERNEL_TOL, rel_err
 
@@ -125,13 +126,18 @@ def check(lab: Lab, name: str, variant: str, cfg: AttnConfig, dtype: torch.dtype
 
 
 def time_op(lab: Lab, name: str, B: int, N: int, dtype: torch.dtype, make_fn: Callable[[torch.Tensor], Callable],
-            **fields) -> dict:
-    """Time ``make_fn(qkv)()`` on a fresh qkv [B, N, 3, H, 64]."""
+            graph: bool = False, **fields) -> dict:
+    """Time ``make_fn(qkv)()`` on a fresh qkv [B, N, 3, H, 64]: ``triton.testing.do_bench``
+    (eager calls, host work included where the GPU waits for it), or with ``graph`` a replayed
+    CUDA graph (``do_bench_cudagraph``: GPU time only)."""
     row = dict(name=name, dtype=str(dtype)[6:], B=B, N=N, **fields)
     try:
         fn = make_fn(random_qkv(B, N, dtype))
         fn()
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        if graph:
+            ms = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+        else:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
         row.update(ms=ms, tflops=tflops(B, N, ms))
     except Exception as exc:
         row.update(error=f"{type(exc).__name__}: {str(exc)[:300]}")
@@ -222,6 +228,10 @@ def run_lab(variants: list[str], dtypes: list[str], out_path: Path, first_only: 
         # The tuned public path (what the encoder calls): the default variants' union.
         for B, N in SHAPES:
             time_op(lab, "flash_attention (default, tuned)", B, N, dtype, lambda qkv: (lambda: flash_attention(qkv)))
+            time_op(lab, "flash_attention (default, graph)", B, N, dtype, lambda qkv: (lambda: flash_attention(qkv)),
+                    graph=True)
+            picked = [cfg for key, cfg in _TUNED.items() if key[:5] == ("flash_attention", B, N, HEADS, dtype)]
+            print(f"{'':9s} tuner's pick for B={B} N={N}: {picked}")
         ranked = sorted(((ms, v) for v, ms in best.items() if ms), key=lambda x: x[0])
         print(f"{dname}: fastest at B={SHAPES[0][0]}: " + ", ".join(
             f"{v} {tflops(*SHAPES[0], ms):.0f}" for ms, v in ranked[:5]) + " TFLOP/s")
