@@ -2,16 +2,11 @@
 
 One encoder layer runs as five kernels::
 
-    qkv = layernorm_linear(x, LN1, W_qkv, stats=s)  # LN folded into W_qkv at load; [M, 3D]
+    qkv = layernorm_linear(x, LN1, W_qkv)          # LN folded into W_qkv at load; [M, 3D]
     o   = flash_attention(qkv.view(B, N, 3, H, 64))  # reads the packed qkv in place; [M, D]
-    x   = linear_residual(o, W_proj, x, partials=s) # bias + residual in the epilogue, in place,
-    h   = layernorm_linear(x, LN2, W_fc1, "gelu", stats=s)  # + LN2's partial row statistics
-    x   = linear_residual(h, W_fc2, x, partials=s)  # + the next LN1's
-
-The LayerNorm statistics travel in ``s`` [M, D / 32, 2] (chunk means and M2, see
-``brainjepa_kernels.layernorm.chunk_stats_reference``): the kernel that writes x writes them,
-the one that reads x next combines them, so no kernel re-reads x for them (only the first LN1,
-after ``patch_embed``, runs ``row_stats``).
+    x   = linear_residual(o, W_proj, x)             # bias + residual in the epilogue, in place
+    h   = layernorm_linear(x, LN2, W_fc1, "gelu")   # erf GELU in the epilogue; [M, 4D]
+    x   = linear_residual(h, W_fc2, x)
 
 (M = B * N tokens, row-major ``[M, D]`` residual stream in the compute dtype), after
 ``patch_embed`` (conv + bias + positional table in one pass) and before the final LayerNorm.
@@ -25,8 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import torch
-
-from .config import LN_EPS
 
 if TYPE_CHECKING:
     from .model import Encoder
@@ -125,7 +118,7 @@ class TritonRunner:
     def run(plan: Plan, x: torch.Tensor, num_heads: int) -> torch.Tensor:
         """Eager kernel sequence: ``x`` ``[B, 1, R, T]`` (any float dtype) -> ``[B, N, D]``."""
         from brainjepa_kernels.flash_attention import flash_attention
-        from brainjepa_kernels.layernorm import STATS_CHUNK, layernorm, row_stats
+        from brainjepa_kernels.layernorm import layernorm
         from brainjepa_kernels.layernorm_linear import layernorm_linear_folded
         from brainjepa_kernels.linear_residual import linear_residual
         from brainjepa_kernels.patch_embed import patch_embed
@@ -133,16 +126,13 @@ class TritonRunner:
         tokens = patch_embed(x, plan.patch_w, plan.patch_b, plan.pos)  # [B, N, D]
         B, N, D = tokens.shape
         h = tokens.view(B * N, D)
-        stats = row_stats(h, LN_EPS)  # the first LayerNorm's; later ones from partial statistics
-        parts = h.new_empty((B * N, D // STATS_CHUNK, 2), dtype=torch.float32) if D % STATS_CHUNK == 0 else None
         for blk in plan.blocks:
-            qkv = layernorm_linear_folded(h, blk.qkv, eps=LN_EPS, stats=stats)
+            qkv = layernorm_linear_folded(h, blk.qkv)
             attn = flash_attention(qkv.view(B, N, 3, num_heads, D // num_heads))
-            linear_residual(attn.view(B * N, D), blk.proj_w, blk.proj_b, h, out=h, partials=parts)
-            hidden = layernorm_linear_folded(h, blk.fc1, activation="gelu", eps=LN_EPS, stats=parts)
-            linear_residual(hidden, blk.fc2_w, blk.fc2_b, h, out=h, partials=parts)
-            stats = parts
-        return layernorm(h, plan.norm_w, plan.norm_b, LN_EPS).view(B, N, D)
+            linear_residual(attn.view(B * N, D), blk.proj_w, blk.proj_b, h, out=h)
+            hidden = layernorm_linear_folded(h, blk.fc1, activation="gelu")
+            linear_residual(hidden, blk.fc2_w, blk.fc2_b, h, out=h)
+        return layernorm(h, plan.norm_w, plan.norm_b).view(B, N, D)
 
     def __call__(self, enc: "Encoder", x: torch.Tensor, n_t: int) -> torch.Tensor:
         plan = self.plan(enc, n_t)

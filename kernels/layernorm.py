@@ -20,9 +20,6 @@ from ._runtime import check_dtype, check_out
 #: Largest row the kernels hold in registers.
 MAX_K = 1024
 
-#: Columns per chunk of the partial row statistics (see :func:`chunk_stats_reference`).
-STATS_CHUNK = 32
-
 
 @triton.jit
 def _load_rows_and_stats(x_ptr, rows, M, K, stride_xm, eps, BLOCK_K: tl.constexpr):
@@ -100,20 +97,6 @@ def row_stats_reference(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """PyTorch equivalent of :func:`row_stats`, in float32."""
     var, mean = torch.var_mean(x.float(), dim=-1, correction=0)
     return torch.stack([mean, torch.rsqrt(var + eps)], dim=-1)
-
-
-def chunk_stats_reference(y: torch.Tensor, chunk: int = STATS_CHUNK) -> torch.Tensor:
-    """Partial LayerNorm statistics of ``y`` [..., K] (K a multiple of ``chunk``): returns
-    [M, K / chunk, 2] float32 with, per row and per chunk of ``chunk`` columns, the chunk's mean and
-    its sum of squared deviations from that mean (M2), from ``y``'s values as stored.
-
-    :func:`kernels.linear_residual.linear_residual` writes them for its output (``partials=``) and
-    :func:`kernels.layernorm_linear.layernorm_linear_folded` combines them (``stats=``) into the
-    row's mean and variance by Chan et al.'s pairwise formula, so the LayerNorm that follows a
-    residual update needs no pass of its own over the row."""
-    y3 = y.float().reshape(-1, y.shape[-1] // chunk, chunk)
-    mean = y3.mean(-1)
-    return torch.stack([mean, ((y3 - mean[..., None]) ** 2).sum(-1)], dim=-1)
 
 
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,

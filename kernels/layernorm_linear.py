@@ -12,11 +12,8 @@ cancels exactly against what the tensor cores multiply. The kernel's main loop i
 matmul of the raw activations with ``W'`` (TMA loads, wgmma on Hopper: no normalised copy of x in
 memory, no register round trip of the A tile) and the LayerNorm lives in the epilogue,
 ``y = rstd * (acc - mean * c) + b'``, with (mean, rstd) per row from
-:func:`kernels.layernorm.row_stats` (one extra read of x), passed in, or combined in the epilogue
-from the partial statistics (chunk means and M2, see :func:`kernels.layernorm.chunk_stats_reference`)
-that :func:`kernels.linear_residual.linear_residual` wrote while producing x (no extra pass over x:
-the encoder's path for every LayerNorm after the first). The epilogue optionally applies the exact
-erf GELU (fc1).
+:func:`kernels.layernorm.row_stats` (one extra read of x) or passed in. The epilogue optionally
+applies the exact erf GELU (fc1).
 
 Precision: in fp16/bf16 the products are exact in the fp32 accumulator and the subtraction is
 exact for the rounded ``W'``, so the result is as accurate as ``F.linear`` on a normalised bf16
@@ -39,9 +36,7 @@ import triton.language as tl
 from ._runtime import (MatmulConfig, as_rows, check_dtype, check_out, check_tma_matrix, grouped_tile,
                        matmul_candidates, matmul_operands, select_config, split_columns, tile_matmul,
                        tma_operand)
-from .layernorm import STATS_CHUNK, row_stats
-
-_CHUNK = tl.constexpr(STATS_CHUNK)
+from .layernorm import row_stats
 
 ACTIVATIONS = (None, "gelu")
 
@@ -93,39 +88,15 @@ def _ln_epilogue(acc, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, 
     out_desc.store([off_m, off_n], y.to(out_desc.dtype))
 
 
-@triton.jit
-def _row_stats(stats_ptr, rows, M, K, eps, PARTS: tl.constexpr, PARTS_P2: tl.constexpr):
-    """(mean, rstd) [BLOCK_M] of ``rows``: read from stats [M, 2] (PARTS = 0), or combined from
-    PARTS partial statistics per row (equal chunks of n = STATS_CHUNK columns: mean = the chunk
-    means' average, M2 = sum of the chunks' M2 + n * sum of (chunk mean - mean)^2, Chan et al.;
-    PARTS_P2: the next power of two)."""
-    if PARTS == 0:
-        mean = tl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
-        rstd = tl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
-    else:
-        part = tl.arange(0, PARTS_P2)
-        ok = (rows[:, None] < M) & (part[None, :] < PARTS)
-        ptrs = stats_ptr + (rows[:, None].to(tl.int64) * PARTS + part[None, :]) * 2
-        chunk_mean = tl.load(ptrs, mask=ok, other=0.0)
-        chunk_m2 = tl.load(ptrs + 1, mask=ok, other=0.0)
-        mean = tl.sum(chunk_mean, 1) * (1.0 / PARTS)
-        dev = tl.where(ok, chunk_mean - mean[:, None], 0.0)
-        m2 = tl.sum(chunk_m2, 1) + _CHUNK * tl.sum(dev * dev, 1)
-        rstd = tl.math.rsqrt(m2 / K + eps)
-    return mean, rstd
-
-
 @triton.jit(do_not_specialize=["M", "num_programs"])
 def _ln_linear_kernel(x_desc, w_desc, out_desc, stats_ptr, colsum_ptr, bias_ptr,
-                      M, N, K, num_programs, eps,
+                      M, N, K, num_programs,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
-                      DEVICE_DESC: tl.constexpr, GELU: tl.constexpr, PARTS: tl.constexpr,
-                      PARTS_P2: tl.constexpr):
+                      DEVICE_DESC: tl.constexpr, GELU: tl.constexpr):
     """out [M, N] = act(LN(x) @ W^T + b) from raw x [M, K], folded W' [N, K] (descriptors, or
-    pointers with DEVICE_DESC), stats [M, 2] (mean, rstd) fp32 (PARTS = 0) or partial statistics
-    [M, PARTS, 2] (chunk mean, M2 over ``STATS_CHUNK`` columns; K = PARTS * STATS_CHUNK), colsum
-    c [N] fp32 and folded bias b' [N] fp32. Program p handles tiles p, p + num_programs, ... (num_programs = #tiles: one each)."""
+    pointers with DEVICE_DESC), stats [M, 2] (mean, rstd) fp32, colsum c [N] fp32 and folded bias
+    b' [N] fp32. Program p handles tiles p, p + num_programs, ... (num_programs = #tiles: one each)."""
     STORE_N: tl.constexpr = BLOCK_N // 2 if SUBTILE else BLOCK_N
     x_desc = tma_operand(x_desc, M, K, BLOCK_M, BLOCK_K, DEVICE_DESC)
     w_desc = tma_operand(w_desc, N, K, BLOCK_N, BLOCK_K, DEVICE_DESC)
@@ -145,7 +116,8 @@ def _ln_linear_kernel(x_desc, w_desc, out_desc, stats_ptr, colsum_ptr, bias_ptr,
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         rows = off_m + tl.arange(0, BLOCK_M)
-        mean, rstd = _row_stats(stats_ptr, rows, M, K, eps, PARTS, PARTS_P2)
+        mean = tl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
+        rstd = tl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
         if SUBTILE:
             left, right = split_columns(acc, BLOCK_M, BLOCK_N)
             _ln_epilogue(left, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, N, BLOCK_N // 2, GELU)
@@ -206,9 +178,7 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
     x: [..., K] contiguous, fp32/fp16/bf16, dtype of ``folded.weight`` [N, K]; K * itemsize and
     N * itemsize multiples of 16 bytes (TMA). activation: None or ``"gelu"`` (exact erf).
     stats: [M, 2] float32 (mean, rstd) per row of x (M = x.numel() / K), e.g. shared with another
-    consumer, or [M, K / STATS_CHUNK, 2] float32 partial statistics of x as
-    :func:`kernels.linear_residual.linear_residual` writes them (``partials=``; combined here with
-    ``eps``); computed by :func:`row_stats` with ``eps`` when None. out: [..., N] in x.dtype,
+    consumer; computed by :func:`row_stats` with ``eps`` when None. out: [..., N] in x.dtype,
     contiguous, not overlapping x. configs: candidate tile configurations (default
     :func:`matmul_candidates`); the fastest is picked on first use of each shape. Returns ``out``.
     """
@@ -228,24 +198,16 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
     check_tma_matrix(out2, "out")
     if stats is None:
         stats = row_stats(x2, eps)
-    if stats.dim() == 3:
-        if K % STATS_CHUNK:
-            raise ValueError(f"stats: partial statistics need K = {K} to be a multiple of {STATS_CHUNK}")
-        check_out(stats, (M, K // STATS_CHUNK, 2), torch.float32, x.device, "stats")
-    else:
-        check_out(stats, (M, 2), torch.float32, x.device, "stats")
-    parts = stats.shape[1] if stats.dim() == 3 else 0
+    check_out(stats, (M, 2), torch.float32, x.device, "stats")
 
     def launch(cfg: MatmulConfig) -> None:
         x_desc, w_desc, out_desc = matmul_operands(cfg, x2, folded.weight, out2)
         programs = cfg.num_programs(M, N, x.device)
         _ln_linear_kernel[(programs,)](x_desc, w_desc, out_desc, stats, folded.colsum, folded.bias,
-                                       M, N, K, programs, eps, GELU=activation == "gelu", PARTS=parts,
-                                       PARTS_P2=triton.next_power_of_2(max(parts, 1)), **cfg.meta())
+                                       M, N, K, programs, GELU=activation == "gelu", **cfg.meta())
 
     candidates = tuple(configs) if configs else matmul_candidates(x.dtype, x.device)
-    key = ("layernorm_linear", M, N, K, x.dtype, activation, parts)
-    launch(select_config(key, candidates, lambda: launch))
+    launch(select_config(("layernorm_linear", M, N, K, x.dtype, activation), candidates, lambda: launch))
     return out
 
 

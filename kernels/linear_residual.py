@@ -24,43 +24,22 @@ import triton.language as tl
 from ._runtime import (MatmulConfig, as_rows, check_dtype, check_out, check_tma_matrix, grouped_tile,
                        matmul_candidates, matmul_operands, select_config, split_columns, tile_matmul,
                        tma_operand)
-from .layernorm import STATS_CHUNK
-
-_CHUNK = tl.constexpr(STATS_CHUNK)
 
 
 @triton.jit
-def _residual_epilogue(acc, bias_ptr, res_desc, out_desc, part_ptr, off_m, off_n, M, N,
-                       BLOCK_N: tl.constexpr, PARTIALS: tl.constexpr):
-    """Store ``residual + acc + b`` for the [BLOCK_M, BLOCK_N] tile at (off_m, off_n); with
-    PARTIALS also the tile's partial row statistics (chunk mean and M2 of the stored values, per
-    ``STATS_CHUNK`` columns) into ``part_ptr`` [M, N / STATS_CHUNK, 2]."""
+def _residual_epilogue(acc, bias_ptr, res_desc, out_desc, off_m, off_n, N, BLOCK_N: tl.constexpr):
+    """Store ``residual + acc + b`` for the [BLOCK_M, BLOCK_N] tile at (off_m, off_n)."""
     cols = off_n + tl.arange(0, BLOCK_N)
     b = tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     res = res_desc.load([off_m, off_n]).to(tl.float32)
-    y = (res + acc + b[None, :]).to(out_desc.dtype)
-    out_desc.store([off_m, off_n], y)
-    if PARTIALS:
-        BLOCK_M: tl.constexpr = acc.shape[0]
-        CHUNKS: tl.constexpr = BLOCK_N // _CHUNK
-        y3 = tl.reshape(y.to(tl.float32), (BLOCK_M, CHUNKS, _CHUNK))
-        mean = tl.sum(y3, 2) * (1.0 / _CHUNK)
-        dev = y3 - mean[:, :, None]
-        m2 = tl.sum(dev * dev, 2)
-        rows = off_m + tl.arange(0, BLOCK_M)
-        chunk = off_n // _CHUNK + tl.arange(0, CHUNKS)
-        n_chunks = N // _CHUNK
-        ptrs = part_ptr + (rows[:, None].to(tl.int64) * n_chunks + chunk[None, :]) * 2
-        ok = (rows[:, None] < M) & (chunk[None, :] < n_chunks)
-        tl.store(ptrs, mean, mask=ok)
-        tl.store(ptrs + 1, m2, mask=ok)
+    out_desc.store([off_m, off_n], (res + acc + b[None, :]).to(out_desc.dtype))
 
 
 @triton.jit(do_not_specialize=["M", "num_programs"])
-def _linear_residual_kernel(x_desc, w_desc, res_desc, out_desc, bias_ptr, part_ptr, M, N, K, num_programs,
+def _linear_residual_kernel(x_desc, w_desc, res_desc, out_desc, bias_ptr, M, N, K, num_programs,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
-                            DEVICE_DESC: tl.constexpr, PARTIALS: tl.constexpr):
+                            DEVICE_DESC: tl.constexpr):
     """out [M, N] = residual [M, N] + x [M, K] @ w[N, K]^T + b [N] (matrices via descriptors, or
     pointers with DEVICE_DESC). Program p handles tiles p, p + num_programs, ...
     (num_programs = #tiles: one tile each)."""
@@ -83,16 +62,14 @@ def _linear_residual_kernel(x_desc, w_desc, res_desc, out_desc, bias_ptr, part_p
         off_n = pid_n * BLOCK_N
         if SUBTILE:
             left, right = split_columns(acc, BLOCK_M, BLOCK_N)
-            _residual_epilogue(left, bias_ptr, res_desc, out_desc, part_ptr, off_m, off_n, M, N, BLOCK_N // 2,
-                               PARTIALS)
-            _residual_epilogue(right, bias_ptr, res_desc, out_desc, part_ptr, off_m, off_n + BLOCK_N // 2, M, N,
-                               BLOCK_N // 2, PARTIALS)
+            _residual_epilogue(left, bias_ptr, res_desc, out_desc, off_m, off_n, N, BLOCK_N // 2)
+            _residual_epilogue(right, bias_ptr, res_desc, out_desc, off_m, off_n + BLOCK_N // 2, N, BLOCK_N // 2)
         else:
-            _residual_epilogue(acc, bias_ptr, res_desc, out_desc, part_ptr, off_m, off_n, M, N, BLOCK_N, PARTIALS)
+            _residual_epilogue(acc, bias_ptr, res_desc, out_desc, off_m, off_n, N, BLOCK_N)
 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual: torch.Tensor,
-                    out: Optional[torch.Tensor] = None, *, partials: Optional[torch.Tensor] = None,
+                    out: Optional[torch.Tensor] = None, *,
                     configs: Optional[Sequence[MatmulConfig]] = None) -> torch.Tensor:
     """``residual + x @ w^T + b`` with float32 accumulation.
 
@@ -100,10 +77,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
     x.dtype; b: [N], any supported float dtype; residual: [..., N] contiguous, any supported float
     dtype (e.g. an fp32 residual stream under bf16 compute). out: like ``residual`` (same shape and
     dtype), may be ``residual`` itself for an in-place update; K * itemsize and N * itemsize
-    multiples of 16 bytes (TMA). partials: optional [M, N / STATS_CHUNK, 2] float32 buffer (M =
-    rows of x) that receives the partial LayerNorm statistics of ``out``
-    (:func:`kernels.layernorm.chunk_stats_reference`), for the fused LayerNorm that reads ``out``
-    next; N must then be a multiple of ``STATS_CHUNK``. configs: candidate tile configurations (default
+    multiples of 16 bytes (TMA). configs: candidate tile configurations (default
     :func:`matmul_candidates`); the fastest is picked on first use of each shape, timed into a
     scratch output so an in-place call is applied once. Returns ``out``.
     """
@@ -130,25 +104,19 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
     res2, out2 = residual.view(M, N), out.view(M, N)
     check_tma_matrix(res2, "residual")
     check_tma_matrix(out2, "out")
-    if partials is not None:
-        if N % STATS_CHUNK:
-            raise ValueError(f"partials: N = {N} is not a multiple of {STATS_CHUNK}")
-        check_out(partials, (M, N // STATS_CHUNK, 2), torch.float32, x.device, "partials")
 
-    def launch(cfg: MatmulConfig, dst: torch.Tensor, parts: Optional[torch.Tensor]) -> None:
+    def launch(cfg: MatmulConfig, dst: torch.Tensor) -> None:
         x_desc, w_desc, res_desc, out_desc = matmul_operands(cfg, x2, w, res2, dst)
         programs = cfg.num_programs(M, N, x.device)
-        _linear_residual_kernel[(programs,)](x_desc, w_desc, res_desc, out_desc, b, parts, M, N, K, programs,
-                                             PARTIALS=parts is not None, **cfg.meta())
+        _linear_residual_kernel[(programs,)](x_desc, w_desc, res_desc, out_desc, b, M, N, K, programs,
+                                             **cfg.meta())
 
     def make_runner() -> Callable[[MatmulConfig], None]:
         scratch = torch.empty_like(out2)
-        scratch_parts = None if partials is None else torch.empty_like(partials)
-        return lambda cfg: launch(cfg, scratch, scratch_parts)
+        return lambda cfg: launch(cfg, scratch)
 
     candidates = tuple(configs) if configs else matmul_candidates(x.dtype, x.device)
-    key = ("linear_residual", M, N, K, x.dtype, residual.dtype, partials is not None)
-    launch(select_config(key, candidates, make_runner), out2, partials)
+    launch(select_config(("linear_residual", M, N, K, x.dtype, residual.dtype), candidates, make_runner), out2)
     return out
 
 

@@ -161,20 +161,3 @@ def test_gelu_epilogue_function_is_exact_erf_gelu():
     ref = x64 * torch.special.erfc(-x64 / 2 ** 0.5) / 2
     err = ((y.double() - ref).abs() / x64.abs().clamp(min=1)).max().item()
     assert err <= 5e-7, err
-
-
-@pytest.mark.parametrize("dtype", SMALL_DTYPES)
-@pytest.mark.parametrize("activation", [None, "gelu"])
-def test_stats_from_partial_statistics(activation, dtype):
-    """stats= [M, K/32, 2] chunk (mean, M2), as linear_residual writes them, combined in the
-    epilogue: the same result as with the row's own statistics (ragged M, rows with large means)."""
-    from brainjepa_kernels.layernorm import chunk_stats_reference
-    from brainjepa_kernels.layernorm_linear import fold_layernorm, layernorm_linear_folded
-
-    x, ln_w, ln_b, w, b = _problem(77, 128, 96, dtype, row_mean=20.0)
-    folded = fold_layernorm(ln_w, ln_b, w, b)
-    out = poison_(torch.empty(77, 96, device=DEVICE, dtype=dtype))
-    got = layernorm_linear_folded(x, folded, activation, stats=chunk_stats_reference(x), out=out)
-    assert_close(got, _reference(x, ln_w, ln_b, w, b, activation), KERNEL_TOL[(DEVICE.type, dtype)], "partials")
-    with pytest.raises(ValueError, match="stats"):
-        layernorm_linear_folded(x, folded, activation, stats=torch.zeros(77, 3, 2, device=DEVICE))

@@ -114,21 +114,3 @@ def test_in_place_while_tuning():
     ref = _reference(x, w, b, h)
     linear_residual(x, w, b, h, out=h)
     assert_close(h, ref, KERNEL_TOL[("cuda", torch.bfloat16)], "in place, first call")
-
-
-@pytest.mark.parametrize("dtype", SMALL_DTYPES)
-@pytest.mark.parametrize("m,n", [(77, 64), (300, 192)])
-def test_partial_row_statistics_of_the_output(m, n, dtype):
-    """``partials=``: per 32-column chunk, mean and M2 of the stored output (ragged rows, several
-    chunks per tile and tiles per row, poisoned buffer), against chunk_stats_reference."""
-    from brainjepa_kernels.layernorm import chunk_stats_reference
-    from brainjepa_kernels.linear_residual import linear_residual
-
-    x, w, b, residual = _problem(m, 96, n, dtype)
-    parts = poison_(torch.empty(m, n // 32, 2, device=DEVICE))
-    out = linear_residual(x, w, b, residual, partials=parts)
-    ref = chunk_stats_reference(out)
-    assert_close(parts[..., 0], ref[..., 0], 1e-5, "chunk means")
-    assert_close(parts[..., 1], ref[..., 1], 1e-5, "chunk M2")
-    with pytest.raises(ValueError, match="partials"):
-        linear_residual(x, w, b, residual, partials=torch.empty(m, n // 64, 2, device=DEVICE))
