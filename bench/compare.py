@@ -14,7 +14,7 @@ Variants (all on the same seeded random checkpoint and the same seeded N(0, 1) s
 * ``compile_bf16``: ``torch.compile`` of the bf16 torch-backend forward; its compile time (the
   first call) is reported apart from the steady-state timings.
 * ``triton_bf16`` / ``triton_fp16`` / ``triton_fp32``: ``Encoder(backend="triton")``, our
-  kernels (fp32 runs tf32 dots).
+  kernels (fp32 runs 3xTF32 products).
 
 For each variant and workload: median ms per batch and per sample (CUDA events on a GPU,
 ``perf_counter`` on the CPU; warm-up calls excluded), TFLOP/s against :func:`flops_per_sample`,
@@ -107,7 +107,7 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("compile_bf16", "torch.compile SDPA, bf16", "compile", "bf16", TOL["torch", "bf16"]),
     Variant("triton_bf16", "ours (Triton), bf16", "triton", "bf16", TOL["triton", "bf16"]),
     Variant("triton_fp16", "ours (Triton), fp16", "triton", "fp16", TOL["triton", "fp16"]),
-    Variant("triton_fp32", "ours (Triton), fp32 (tf32 matmuls)", "triton", "fp32", TOL["triton", "fp32"]),
+    Variant("triton_fp32", "ours (Triton), fp32 (3xTF32 products)", "triton", "fp32", TOL["triton", "fp32"]),
 )
 VARIANT_BY_KEY = {v.key: v for v in VARIANTS}
 CPU_VARIANTS = ("original_fp32", "torch_fp32", "torch_bf16")

@@ -3,7 +3,7 @@
     pytest bench/test_bench_encoder.py --benchmark-save=NAME
 
 CUDA: B=8 standard scans (450 x 160 -> 4500 tokens): torch fp32 / bf16 (SDPA), triton bf16 /
-fp16 / fp32 (our kernels; fp32 with tf32 dots). CPU: the torch backend only, fp32 and bf16, at
+fp16 / fp32 (our kernels; fp32 with 3xTF32 products). CPU: the torch backend only, fp32 and bf16, at
 B=1 and 32 frames (900 tokens) so it finishes in seconds; the triton cases are skipped.
 For accuracy against the fp32 reference and the original code path, run ``python -m bench.compare``.
 """

@@ -55,7 +55,7 @@ if INTERPRET:
 
 
 def check_dtype(t: torch.Tensor, name: str) -> None:
-    """Kernels run in fp32 (tf32 dots), fp16 or bf16; anything else is a caller bug."""
+    """Kernels run in fp32 (3xTF32 dots), fp16 or bf16; anything else is a caller bug."""
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{name}: dtype {t.dtype} not supported (float32, float16, bfloat16)")
 
@@ -166,7 +166,7 @@ def matmul_candidates(dtype: torch.dtype, device: torch.device) -> tuple[MatmulC
     Measured on the H100 (bf16, B=8): 128x256 wins qkv and fc2 (591, 619 TFLOP/s) but one program
     per SM leaves the GELU and residual epilogues exposed (fc1 402, proj 406); the two-per-SM
     128x128 candidates let those epilogues overlap another program's main loop.
-    fp32 (tf32 dots) halves ``block_k``. Off-GPU (interpreter): one small tile whose epilogue is
+    fp32 (3xTF32 dots) halves ``block_k``. Off-GPU (interpreter): one small tile whose epilogue is
     subtiled, so the CPU tests run every code path the GPU runs.
     """
     if device.type != "cuda":
@@ -260,6 +260,13 @@ def grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+#: Tensor-core precision of f32 x f32 products in the matmul kernels: 3xTF32 (each operand split
+#: into a tf32 high part and remainder, three tf32 products; about fp32's accuracy). Plain TF32
+#: rounds the raw, uncentred activations of the LayerNorm-folded matmul to 10 bits, which gave
+#: 1.04e-3 (> the 1e-3 fp32 bound) on a row with a large mean. fp16/bf16 products are unaffected.
+F32_PRECISION = tl.constexpr("tf32x3")
+
+
 @triton.jit
 def tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -271,7 +278,7 @@ def tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M: tl.co
     for ki in range(tl.cdiv(K, BLOCK_K)):
         a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
         w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-        acc = tl.dot(a, w.T, acc)
+        acc = tl.dot(a, w.T, acc, input_precision=F32_PRECISION)
     return acc
 
 

@@ -17,8 +17,9 @@ applies the exact erf GELU (fc1).
 
 Precision: in fp16/bf16 the products are exact in the fp32 accumulator and the subtraction is
 exact for the rounded ``W'``, so the result is as accurate as ``F.linear`` on a normalised bf16
-copy (it skips that copy's rounding). In fp32 the dots run as tf32; the raw x is rounded to tf32
-rather than the centred one, so the error grows like |mean| / std of a row.
+copy (it skips that copy's rounding). In fp32 the dots run as 3xTF32 (``_runtime.F32_PRECISION``):
+with plain TF32 the raw x would be rounded to 10 bits rather than the centred one, an error that
+grows like |mean| / std of a row.
 
 Schedule (see :class:`kernels._runtime.MatmulConfig`): persistent grid of one program per SM
 walking output tiles in grouped order, host-side tensor descriptors for x, W' and the output,

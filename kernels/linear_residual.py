@@ -73,7 +73,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
                     configs: Optional[Sequence[MatmulConfig]] = None) -> torch.Tensor:
     """``residual + x @ w^T + b`` with float32 accumulation.
 
-    x: [..., K] contiguous, fp32 (tf32 dots)/fp16/bf16; w: [N, K] (``nn.Linear`` layout) in
+    x: [..., K] contiguous, fp32 (3xTF32 dots)/fp16/bf16; w: [N, K] (``nn.Linear`` layout) in
     x.dtype; b: [N], any supported float dtype; residual: [..., N] contiguous, any supported float
     dtype (e.g. an fp32 residual stream under bf16 compute). out: like ``residual`` (same shape and
     dtype), may be ``residual`` itself for an in-place update; K * itemsize and N * itemsize
