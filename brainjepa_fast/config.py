@@ -73,8 +73,8 @@ def parse_precision(name: str) -> "torch.dtype":
 
 #: Documented accuracy of the whole encoder: bound on ``‖out − ref‖ / ‖ref‖`` against the fp32
 #: PyTorch path on the same checkpoint and scans, per (backend, precision). The Triton fp32 path
-#: runs its matmuls as tf32 (10-bit mantissa; attention products as 3xTF32), which over 12
-#: blocks lands near 1.3e-3 (measured on an H100), hence 2e-3; bf16 and fp16 bounds are issue #3's.
+#: measured 1.2-1.3e-3 on an H100 with TF32 matmul products, hence 2e-3; its products are 3xTF32
+#: since 5bfc98f (not yet measured on a GPU; expected far below). bf16 and fp16 bounds are issue #3's.
 ENCODER_TOLERANCE = {
     ("torch", "fp32"): 1e-5,
     ("torch", "bf16"): 1.5e-2,
