@@ -15,6 +15,7 @@ PATCH_T = 16            # frames per temporal patch (Conv2d kernel (1, 16))
 PRETRAIN_FRAMES = 160   # the model was pretrained on 160 frames = 10 time patches
 LN_EPS = 1e-6
 CPU_ATTENTION_CHUNK = 512  # query rows per step of the bf16 CPU attention (model.cpu_attention)
+CPU_MLP_ROWS = 2048        # tokens per step of the MLP in CPU inference (model.Block)
 
 
 @dataclass(frozen=True)

@@ -181,3 +181,20 @@ def test_backend_resolution_on_cpu():
         enc.backend
     with pytest.raises(bj.ConfigError, match="unknown backend"):
         bj.Encoder("vit_small", backend="cuda")
+
+
+def test_cpu_inference_mlp_in_row_chunks_equals_whole():
+    """CPU inference runs the MLP half a few tokens at a time, in place: same result as the
+    whole-sequence MLP (ragged last chunk), and autograd keeps the unchunked path."""
+    torch.manual_seed(0)
+    blk = model.Block(64, 4, 256)
+    x = torch.randn(2, 77, 64)
+    whole = x + blk.mlp(blk.norm2(x))
+    with torch.no_grad():
+        chunked = blk.mlp_in_row_chunks(x.clone(), rows=32)
+    assert rel_err(chunked, whole) <= 1e-6
+    with torch.no_grad():
+        assert rel_err(blk(x), x + blk.attn(blk.norm1(x)) + blk.mlp(blk.norm2(x + blk.attn(blk.norm1(x))))) <= 1e-6
+    out = blk(x.requires_grad_())
+    out.sum().backward()  # the differentiable path: no in-place update of a tensor autograd needs
+    assert x.grad is not None
