@@ -152,9 +152,10 @@ class Block(nn.Module):
 
     def mlp_in_row_chunks(self, x: torch.Tensor, rows: int = CPU_MLP_ROWS) -> torch.Tensor:
         """``x += mlp(LN2(x))``, ``rows`` tokens at a time, in place on ``x`` [..., D] (or on a
-        contiguous copy, which is returned; CPU inference). The [rows, 4D] hidden activations stay cache-sized and below the size for which
-        glibc maps fresh, page-faulting memory on every layer: fp32 8.3-8.6 -> 8.1-8.2 s a scan
-        on the 2-core EPYC (``bench/NOTES.md``). Same arithmetic: every op here is per token."""
+        contiguous copy, which is returned; CPU inference). The [rows, 4D] hidden activations
+        stay cache-sized and below the size for which glibc maps fresh, page-faulting memory on
+        every layer: fp32 8.3-8.6 -> 7.8-8.0 s a scan on the 2-core EPYC (``bench/NOTES.md``).
+        Same arithmetic: every op here is per token."""
         x = x.contiguous()
         flat = x.view(-1, x.shape[-1])
         for start in range(0, flat.shape[0], rows):
