@@ -88,8 +88,10 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int 
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles, with which PyTorch's SDPA runs bf16 on the matrix units."""
+    """Whether this CPU has AMX tiles, with which PyTorch's SDPA runs bf16 on the matrix units
+    (probed once, not in every layer's forward)."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe()) if probe is not None else False
 
