@@ -201,12 +201,19 @@ def select_config(key: tuple, candidates: Sequence[Config],
     shapes eager timings would rank the host-side launch cost instead of the kernel. Ones that
     fail to compile or do not fit are skipped with a warning. Tune before CUDA-graph capture (one
     eager call per shape).
+
+    ``do_bench_cudagraph`` launches on a stream of its own that does not wait for the caller's.
+    The device is therefore synchronised before ``make_runner()`` allocates: otherwise a scratch
+    or output buffer can reuse a block the caller freed while its queued kernels still write and
+    read it, and the timing launches would corrupt those kernels' inputs (seen on the H100: NaN
+    in a test's freshly built residual).
     """
     if len(candidates) == 1 or INTERPRET:
         return candidates[0]  # nothing to choose, or interpreter timings that mean nothing
     full_key = (*key, *candidates)
     best = _TUNED.get(full_key)
     if best is None:
+        torch.cuda.synchronize()
         run = make_runner()
         times = {}
         for cfg in candidates:
