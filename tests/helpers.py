@@ -21,13 +21,15 @@ requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not insta
 
 #: Per-kernel relative-error bounds ‖out−ref‖/‖ref‖ against the op's PyTorch function run in
 #: float32 on the same (rounded) inputs. Interpreter fp32 is plain fp32 arithmetic; on the GPU
-#: fp32 products run as 3xTF32 (the 1e-3 bound is the one issue #3 sets for tf32).
+#: fp32 products run as 3xTF32. GPU bounds are ~4x the largest error of a full test run on an H100
+#: (2026-11-27): fp32 2.2e-6 (attention, N = 13500), fp16 2.8e-4 and bf16 2.3e-3, about the
+#: rounding of the output itself. Issue #3's bounds (tf32 1e-3, fp16 3e-3, bf16 2e-2) hold a fortiori.
 KERNEL_TOL = {
     ("cpu", torch.float32): 1e-5,
     ("cpu", torch.float16): 2e-3,
-    ("cuda", torch.float32): 1e-3,
-    ("cuda", torch.float16): 3e-3,
-    ("cuda", torch.bfloat16): 2e-2,
+    ("cuda", torch.float32): 1e-5,
+    ("cuda", torch.float16): 1e-3,
+    ("cuda", torch.bfloat16): 1e-2,
 }
 
 
@@ -41,6 +43,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten poisoned output?)"
     err = rel_err(out, ref)
+    print(f"{what or 'output'}: rel err {err:.3e} (bound {tol:.0e}, {out.dtype}, {out.device.type})")
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
     return err
 
