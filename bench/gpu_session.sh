@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call = one experiment: environment, install, then the named steps, logs under $OUT.
 #   bash bench/gpu_session.sh tests attention linear compare
-# Steps: tests (GPU pytest of kernels + encoder), attention / linear / linear-bf16 (kernel labs),
+# Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small
+# shapes on the GPU too), attention / linear / linear-bf16 (kernel labs),
 # compare (python -m bench.compare), bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -17,6 +18,7 @@ for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
     tests) python3 -m pytest -q -m gpu -rA tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|rel err|peak|FAIL" ;;
+    tests-all) python3 -m pytest -q -rA tests/kernels tests/test_triton_encoder.py 2>&1 | tee "$OUT/gpu_tests_all.log" | grep -E "passed|failed|FAIL|encoder triton|peak" ;;
     attention) python3 -m bench.attention_lab --out "$OUT/attention_lab.json" 2>&1 | tee "$OUT/attention_lab.log" | tail -40 ;;
     linear) python3 -m bench.linear_lab --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -40 ;;
     linear-bf16) python3 -m bench.linear_lab --dtypes bf16 --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -30 ;;
