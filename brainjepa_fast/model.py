@@ -259,7 +259,11 @@ class Encoder(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> int:
-        """Validate ``x`` ``[B, 1, R, T]``; return the number of time patches ``T / 16``."""
+        """Validate ``x`` ``[B, 1, R, T]`` on the encoder's device; return the number of time
+        patches ``T / 16``."""
+        if x.device != self.norm.weight.device:
+            raise ScanError(f"encoder input is on {x.device}, the encoder on {self.norm.weight.device}: "
+                            f"move the input (brainjepa_fast.encode does)")
         if x.ndim != 4 or x.shape[1] != 1:
             raise ScanError(f"encoder input must be [B, 1, R, T], got {list(x.shape)}")
         if x.shape[2] != self.n_rois:

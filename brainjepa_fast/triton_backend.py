@@ -135,6 +135,12 @@ class TritonRunner:
         return layernorm(h, plan.norm_w, plan.norm_b).view(B, N, D)
 
     def __call__(self, enc: "Encoder", x: torch.Tensor, n_t: int) -> torch.Tensor:
+        """``[B, N, D]`` for the CUDA scans ``x`` ``[B, 1, R, T]``, on ``x``'s GPU: Triton launches
+        (and ``torch.cuda.graph`` captures) on the current device, so it is set to ``x``'s."""
+        with torch.cuda.device(x.device):
+            return self._forward(enc, x, n_t)
+
+    def _forward(self, enc: "Encoder", x: torch.Tensor, n_t: int) -> torch.Tensor:
         plan = self.plan(enc, n_t)
         heads = enc.config.num_heads
         if not self.use_cuda_graphs or x.shape[0] > GRAPH_MAX_BATCH:

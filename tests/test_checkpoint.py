@@ -158,3 +158,5 @@ def test_wrong_input_shapes(small_ckpt):
     x[3, 7] = float("inf")
     with pytest.raises(bj.ScanError, match="1 NaN/Inf"):
         bj.encode(x, enc)
+    with pytest.raises(bj.ScanError, match="input is on meta, the encoder on cpu"):
+        enc(torch.empty(1, 1, 450, 160, device="meta"))

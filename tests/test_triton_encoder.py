@@ -71,6 +71,22 @@ def test_long_scan_and_new_weights(ckpt):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("batch", [1, 9])  # CUDA-graph replay, and eager launches (B > 8)
+def test_encoder_on_a_second_gpu(ckpt, batch):
+    """Kernels, tuning and graph capture run on the input's GPU while the current device is 0."""
+    torch.manual_seed(batch)
+    x = torch.randn(batch, 1, 450, 160, device="cuda:1")
+    ref = bj.encode(x, bj.load(ckpt, device="cuda:1", backend="torch"))
+    enc = bj.load(ckpt, device="cuda:1", dtype=torch.bfloat16, backend="triton")
+    assert torch.cuda.current_device() == 0
+    for call in ("first", "second"):
+        out = bj.encode(x, enc)
+        assert out.device == x.device
+        assert_close(out.float(), ref, ENCODER_TOL[torch.bfloat16], f"cuda:1 B={batch}, {call} call")
+
+
+@pytest.mark.gpu
 @requires_cuda
 def test_peak_memory_not_above_eager_sdpa(ckpt):
     """Steady-state peak at B=8 bf16: everything resident (weights, folded weights, graph pool,
