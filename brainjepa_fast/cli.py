@@ -4,10 +4,13 @@
 (tensor ``embeddings`` ``[N_tokens, D]``, tokens ROI-major: token ``r * T/16 + t``) or
 ``<scan stem>.npy``. With ``--pool mean`` the file holds only the mean over tokens, ``[D]``
 (tensor ``pooled``); the tokens are not kept, so a cohort's outputs stay a few KB per scan.
-Outputs are float32 whatever the compute precision. Every scan is read, preprocessed and
+Outputs are float32 whatever the compute precision (``--output-dtype float16``, or ``bfloat16``
+in safetensors, halves them). Every scan is read, preprocessed and
 checked before the model is loaded or anything is written, so a bad scan stops the run with
 nothing written; then the scans are read again (memory stays bounded), encoded in batches of
-equal shape, and each output is written atomically.
+equal shape, and each output is written atomically. In that second pass a thread reads the next
+batch while the encoder runs, and ``--writers`` threads write the outputs: a standard scan's
+tokens are 13.8 MB of float32, far longer to write and fsync than a GPU takes to encode them.
 
 Bad input of any kind exits with status 2 and one line ``brainjepa-fast: error: ...`` on
 stderr; Ctrl-C exits with 130 and leaves no temporary files.
@@ -15,11 +18,13 @@ stderr; Ctrl-C exits with 130 and leaves no temporary files.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +41,15 @@ from .config import N_ROIS, PRECISIONS, PRETRAIN_FRAMES, parse_precision
 from .errors import BrainJEPAError, ConfigError
 from .fmri import LAYOUTS, Preprocess, check_frames, find_scans, load_robust_params, read_scan
 from .fmri import logger as READER_LOGGER
-from .outputs import OUTPUT_FORMATS, plan_outputs, write_embeddings
+from .outputs import OUTPUT_DTYPES, OUTPUT_FORMATS, BackgroundWriter, check_output_options, plan_outputs
 
 PROG = "brainjepa-fast"
 PKG_LOGGER = logging.getLogger("brainjepa_fast")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKEND_CHOICES = ("auto", "torch", "triton")
+#: Output-writing threads: on this project's test machine (a virtual disk, ~250 MB/s for one
+#: writer) 4 writers wrote 2.1x faster than one, 8 slower than 4 (``bench/NOTES.md``).
+DEFAULT_WRITERS = 4
 ENCODE_DESCRIPTION = (
     "Embed each scan into OUT/<scan stem>.safetensors (tensor 'embeddings' [N_tokens, D], tokens "
     "ROI-major) or .npy; with --pool mean only the token mean [D] (tensor 'pooled'). Existing "
@@ -120,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--pool", choices=("mean",), help="store the token mean [D] (tensor 'pooled') instead of tokens")
     enc.add_argument("--format", choices=OUTPUT_FORMATS, default="safetensors", dest="fmt",
                      help="output file format (default: safetensors)")
+    enc.add_argument("--output-dtype", choices=tuple(OUTPUT_DTYPES), default="float32",
+                     help="stored dtype (default: float32; float16, or bfloat16 in safetensors, halve the files)")
     enc.add_argument("--overwrite", action="store_true", help="recompute scans whose output exists")
+    enc.add_argument("--writers", type=_positive_int, default=DEFAULT_WRITERS, metavar="N",
+                     help=f"threads writing outputs while the encoder runs (default: {DEFAULT_WRITERS})")
     _add_runtime_options(enc)
     enc.set_defaults(func=cmd_encode)
 
@@ -161,6 +173,7 @@ def run_encode(args: argparse.Namespace) -> EncodeReport:
     out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--output {out_dir}: exists and is not a directory")
+    check_output_options(args.fmt, args.output_dtype)
     scans = find_scans(args.inputs)
     outputs = plan_outputs(scans, out_dir, args.fmt)
     todo = [(s, o) for s, o in zip(scans, outputs) if args.overwrite or not o.exists()]
@@ -196,23 +209,37 @@ def run_encode(args: argparse.Namespace) -> EncodeReport:
         str(encoder.norm.weight.device), encoder.backend, encoder.backend_reason)
 
     # Pass 2: read the scans again (memory stays bounded), encode batches of equal shape, write
-    # each output atomically. The reader's notes (e.g. "transposed") were logged in pass 1.
+    # each output atomically. The reader's notes (e.g. "transposed") were logged in pass 1. The
+    # next batch is read while this one encodes; outputs are written in background threads.
     metadata = {"weights": str(args.weights), "precision": args.precision, "backend": report.backend,
                 "preprocess": preprocess.describe(), "layout": args.layout}
     key = "pooled" if args.pool else "embeddings"
     out_dir.mkdir(parents=True, exist_ok=True)
+    batches = [items[i : i + args.batch_size] for items in groups.values()
+               for i in range(0, len(items), args.batch_size)]
+
+    def read_batch(batch: list) -> np.ndarray:
+        return np.stack([prepared(scan) for scan, _ in batch])
+
     with _logger_level(READER_LOGGER, logging.WARNING), progress(total=len(todo), desc="encoding") as bar:
-        for items in groups.values():
-            for i in range(0, len(items), args.batch_size):
-                batch = items[i : i + args.batch_size]
-                emb = encode(np.stack([prepared(s) for s, _ in batch]), encoder)  # [B, N, D]
+        def written() -> None:
+            report.encoded += 1
+            bar.update(1)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="brainjepa-fast-reader") as reader, \
+                BackgroundWriter(args.writers, max_pending=2 * args.writers, on_written=written) as writer:
+            upcoming = reader.submit(read_batch, batches[0])
+            for batch, following in itertools.zip_longest(batches, batches[1:]):
+                x = upcoming.result()
+                if following is not None:
+                    upcoming = reader.submit(read_batch, following)
+                emb = encode(x, encoder)  # [B, N, D] on the encoder's device
                 if args.pool == "mean":
                     emb = emb.float().mean(dim=1)  # [B, D]
+                emb = emb.cpu()  # one copy per batch; the writers convert to the output dtype
                 for (scan, out), e in zip(batch, emb):
-                    write_embeddings(out, e, args.fmt, key, {**metadata, "source": str(scan)})
+                    writer.submit(out, e, args.fmt, key, {**metadata, "source": str(scan)}, args.output_dtype)
                     report.shapes.add(tuple(e.shape))
-                report.encoded += len(batch)
-                bar.update(len(batch))
     report.seconds = time.perf_counter() - start
     return report
 

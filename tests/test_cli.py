@@ -110,6 +110,28 @@ def test_encode_pool_mean_safetensors_key(tmp_path, capsys, weights):
     assert list(tensors) == ["pooled"] and tensors["pooled"].shape == (D,)
 
 
+def test_encode_bfloat16_outputs(tmp_path, capsys, weights, encoder):
+    x = _scan(9)
+    np.save(tmp_path / "s.npy", x)
+    code, _, err = _run(capsys, "encode", tmp_path / "s.npy", "--weights", weights, "--output", tmp_path / "o",
+                        "--device", "cpu", "--output-dtype", "bfloat16")
+    assert code == 0, err
+    from safetensors.torch import load_file as load_torch
+
+    stored = load_torch(str(tmp_path / "o" / "s.safetensors"))["embeddings"]
+    assert stored.dtype == torch.bfloat16
+    torch.testing.assert_close(stored.float(), torch.from_numpy(_reference(encoder, x)), rtol=2**-8, atol=1e-5)
+
+
+def test_bfloat16_npy_is_refused_before_any_work(tmp_path, capsys, weights):
+    np.save(tmp_path / "s.npy", _scan(10))
+    code, _, err = _run(capsys, "encode", tmp_path / "s.npy", "--weights", weights, "--output", tmp_path / "o",
+                        "--device", "cpu", "--format", "npy", "--output-dtype", "bfloat16")
+    assert code == 2
+    _assert_one_error_line(err, "bfloat16", "--format safetensors")
+    assert _files(tmp_path / "o") == []
+
+
 def test_encode_preprocessing_options(tmp_path, capsys, weights, encoder):
     x = _scan(6, frames=50)
     np.save(tmp_path / "long.npy", x)
@@ -147,6 +169,55 @@ def test_skip_existing_then_overwrite(tmp_path, capsys, weights):
     assert code == 0 and "skipped" not in stdout and "encoded 1 scan " in stdout
     assert first.stat().st_ino != before.st_ino  # replaced by a new file (os.replace)
     assert _files(out) == ["s1.npy", "s2.npy"]
+
+
+def test_batches_of_two_lengths_through_the_reader_and_writers(tmp_path, capsys, weights, encoder):
+    """Five scans of two lengths (two shape groups), batches of 2, three writer threads: every
+    output is its own scan's embedding."""
+    scans = {f"s{i}": _scan(20 + i, frames=T * (1 + i % 2)) for i in range(5)}
+    for name, x in scans.items():
+        np.save(tmp_path / f"{name}.npy", x)
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "encode", *[tmp_path / f"{n}.npy" for n in scans], "--weights", weights,
+                             "--output", out, "--device", "cpu", "--format", "npy", "--batch-size", "2",
+                             "--writers", "3")
+    assert code == 0, err
+    assert "encoded 5 scans" in stdout and "[450, 768]" in stdout and "[900, 768]" in stdout
+    assert _files(out) == sorted(f"{n}.npy" for n in scans)
+    for name, x in scans.items():
+        np.testing.assert_allclose(np.load(out / f"{name}.npy"), _reference(encoder, x), rtol=1e-4, atol=1e-4)
+
+
+def test_failed_write_stops_with_complete_outputs_then_resumes(tmp_path, capsys, weights, monkeypatch):
+    """A write failing mid-run (disk full) exits 2 with one line; the outputs already written are
+    complete, nothing temporary is left, and the next run encodes only what is missing."""
+    for i in range(6):
+        np.save(tmp_path / f"s{i}.npy", _scan(30 + i))
+    real_replace = outputs.os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "s3.npy":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    out = tmp_path / "out"
+    args = ["encode", *[tmp_path / f"s{i}.npy" for i in range(6)], "--weights", weights, "--output", out,
+            "--device", "cpu", "--format", "npy", "--batch-size", "2"]
+    code, _, err = _run(capsys, *args)
+    assert code == 2
+    _assert_one_error_line(err, "No space left on device")
+    written = _files(out)
+    assert "s3.npy" not in written and all(name.endswith(".npy") and not name.startswith(".") for name in written)
+    assert {"s0.npy", "s1.npy", "s2.npy"} <= set(written)
+    for name in written:
+        assert np.load(out / name).shape == (N_ROIS * T // 16, D)
+
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    code, stdout, err = _run(capsys, *args)
+    assert code == 0, err
+    assert f"skipped {len(written)} of 6" in stdout and f"encoded {6 - len(written)} scan" in stdout
+    assert _files(out) == [f"s{i}.npy" for i in range(6)]
 
 
 def test_refuses_to_overwrite_an_input(tmp_path, capsys, weights):
