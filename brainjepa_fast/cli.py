@@ -4,8 +4,8 @@
 (tensor ``embeddings`` ``[N_tokens, D]``, tokens ROI-major: token ``r * T/16 + t``) or
 ``<scan stem>.npy``. With ``--pool mean`` the file holds only the mean over tokens, ``[D]``
 (tensor ``pooled``); the tokens are not kept, so a cohort's outputs stay a few KB per scan.
-Outputs are float32 whatever the compute precision (``--output-dtype float16``, or ``bfloat16``
-in safetensors, halves them). Every scan is read, preprocessed and
+Outputs are float32 by default, whatever the compute precision (``--output-dtype float16``, or
+``bfloat16`` in safetensors, halves them). Every scan is read, preprocessed and
 checked before the model is loaded or anything is written, so a bad scan stops the run with
 nothing written; then the scans are read again (memory stays bounded), encoded in batches of
 equal shape, and each output is written atomically. In that second pass a thread reads the next
@@ -47,7 +47,7 @@ PROG = "brainjepa-fast"
 PKG_LOGGER = logging.getLogger("brainjepa_fast")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKEND_CHOICES = ("auto", "torch", "triton")
-#: Output-writing threads: on this project's test machine (a virtual disk, ~250 MB/s for one
+#: Output-writing threads: on this project's test machine (a virtual disk, 224 MB/s for one
 #: writer) 4 writers wrote 2.1x faster than one, 8 slower than 4 (``bench/NOTES.md``).
 DEFAULT_WRITERS = 4
 ENCODE_DESCRIPTION = (
