@@ -155,7 +155,9 @@ class TritonRunner:
                 self.run(plan, static_x, heads)
             torch.cuda.current_stream(x.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # An explicit capture stream: torch.cuda.graph's default one lives on whichever GPU
+            # captured first in the process, and entering it would make that GPU current.
+            with torch.cuda.graph(graph, stream=side):
                 static_out = self.run(plan, static_x, heads)
             if len(self._graphs) >= 2:  # keep memory bounded: at most two batch shapes
                 self._graphs.pop(next(iter(self._graphs)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import statistics
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Hashable, Optional, Sequence, TypeVar
@@ -188,6 +189,37 @@ def matmul_candidates(dtype: torch.dtype, device: torch.device) -> tuple[MatmulC
 _TUNED: dict[tuple, Hashable] = {}
 
 
+def graph_time_ms(fn: Callable[[], object], rep_ms: float = 30.0) -> float:
+    """Median milliseconds of one ``fn()`` (GPU launches only) replayed from a CUDA graph that
+    repeats it for about ``rep_ms``: ``triton.testing.do_bench_cudagraph``'s method, on the
+    current device. That function (like ``torch.cuda.graph`` without a ``stream``) captures on
+    one process-wide stream made on whichever GPU captured first; entering that stream makes
+    its GPU current, so on another GPU the launches would go to the wrong device."""
+    with torch.cuda.stream(torch.cuda.Stream()):
+        fn()  # warm-up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        n_repeat = max(1, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3)))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+            for _ in range(n_repeat):
+                fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / n_repeat)
+    return statistics.median(times)
+
+
 def select_config(key: tuple, candidates: Sequence[Config],
                   make_runner: Callable[[], Callable[[Config], object]]) -> Config:
     """The fastest of ``candidates`` (hashable configurations, e.g. :class:`MatmulConfig`) for
@@ -197,20 +229,20 @@ def select_config(key: tuple, candidates: Sequence[Config],
     Otherwise ``make_runner()`` is called once and must return a function launching the op with a
     given config into scratch outputs (so tuning never updates a caller's buffer in place
     twice); each candidate is compiled by one eager call, then timed as a replayed CUDA graph
-    (``triton.testing.do_bench_cudagraph``, median): the encoder replays graphs, and at small
+    (:func:`graph_time_ms`, median): the encoder replays graphs, and at small
     shapes eager timings would rank the host-side launch cost instead of the kernel. Ones that
     fail to compile or do not fit are skipped with a warning. Tune before CUDA-graph capture (one
     eager call per shape).
 
-    ``do_bench_cudagraph`` launches on a stream of its own that does not wait for the caller's.
-    The device is therefore synchronised before ``make_runner()`` allocates: otherwise a scratch
-    or output buffer can reuse a block the caller freed while its queued kernels still write and
-    read it, and the timing launches would corrupt those kernels' inputs (seen on the H100: NaN
-    in a test's freshly built residual).
+    The timing launches run on a stream of their own (:func:`graph_time_ms`) that does not wait
+    for the caller's. The device is therefore synchronised before ``make_runner()`` allocates:
+    otherwise a scratch or output buffer can reuse a block the caller freed while its queued
+    kernels still write and read it, and the timing launches would corrupt those kernels' inputs
+    (seen on the H100: NaN in a test's freshly built residual). Picks are kept per GPU index.
     """
     if len(candidates) == 1 or INTERPRET:
         return candidates[0]  # nothing to choose, or interpreter timings that mean nothing
-    full_key = (*key, *candidates)
+    full_key = (*key, *candidates, torch.cuda.current_device())
     best = _TUNED.get(full_key)
     if best is None:
         torch.cuda.synchronize()
@@ -219,7 +251,7 @@ def select_config(key: tuple, candidates: Sequence[Config],
         for cfg in candidates:
             try:
                 run(cfg)
-                times[cfg] = triton.testing.do_bench_cudagraph(lambda: run(cfg), rep=30, return_mode="median")
+                times[cfg] = graph_time_ms(lambda: run(cfg))
             except (OutOfResources, CompilationError, PTXASError, RuntimeError) as err:
                 warnings.warn(f"{key[0]}: skipping {cfg}: {type(err).__name__}: {str(err)[:200]}")
         if not times:

@@ -74,7 +74,12 @@ def test_long_scan_and_new_weights(ckpt):
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 @pytest.mark.parametrize("batch", [1, 9])  # CUDA-graph replay, and eager launches (B > 8)
 def test_encoder_on_a_second_gpu(ckpt, batch):
-    """Kernels, tuning and graph capture run on the input's GPU while the current device is 0."""
+    """Kernels, tuning and graph capture run on the input's GPU while the current device is 0,
+    also after a capture on GPU 0 (which puts ``torch.cuda.graph``'s process-wide default capture
+    stream there: reusing it made the encoder launch on GPU 0 with GPU 1's tensors)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ones(8, device="cuda:0").mul_(2)
     torch.manual_seed(batch)
     x = torch.randn(batch, 1, 450, 160, device="cuda:1")
     ref = bj.encode(x, bj.load(ckpt, device="cuda:1", backend="torch"))
