@@ -1,6 +1,6 @@
 """A/B of the Triton encoder with different sets of attention variants to tune over (GPU).
 
-    python -m bench.variant_ab [--arms pingpong,tma pingpong,tma,split_kv] [--batch-sizes 1 8]
+    python -m bench.variant_ab [--arms pingpong,tma tma] [--batch-sizes 1 8]
                                [--rounds 3] [--reps 30] [--out PATH]
 
 One bf16 vit_base encoder on a seeded random checkpoint; each arm sets
@@ -49,7 +49,7 @@ def time_ms(enc: bj.Encoder, x: torch.Tensor, reps: int) -> float:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arms", nargs="+", default=["pingpong,tma", "pingpong,tma,split_kv"])
+    p.add_argument("--arms", nargs="+", default=["pingpong,tma", "tma"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=30)

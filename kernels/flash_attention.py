@@ -129,45 +129,10 @@ def _attend(q, k_t, v, m_i, l_i, acc, qk_scale, start, N, MASKED: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
-def _combine_parts(acc, m_i, l_i, part_ws, counters, tile, part, KV_SPLITS: tl.constexpr):
-    """Split-KV epilogue: this program's unnormalised (acc [BM, D], m_i [BM], l_i [BM]) covers one
-    of the KV_SPLITS key ranges of ``tile``. Each part stores them in its slot of ``part_ws``
-    (fp32, [programs, BM * (D + 2)]: acc row-major, then m, then l), then counts itself in
-    ``counters[tile]`` (int32, zero before the launch); the part that arrives last merges the
-    other slots into its registers and returns (acc, l, True); the others return (acc, l, False)
-    and store nothing. No program waits for another, so any schedule (and the interpreter's
-    one-by-one order) is safe."""
-    BM: tl.constexpr = acc.shape[0]
-    rows = tl.arange(0, BM)
-    cols = tl.arange(0, _D)
-    slot = part_ws + (tile * KV_SPLITS + part).to(tl.int64) * (BM * (_D + 2))
-    tl.store(slot + rows[:, None] * _D + cols[None, :], acc)
-    tl.store(slot + BM * _D + rows, m_i)
-    tl.store(slot + BM * _D + BM + rows, l_i)
-    tl.debug_barrier()  # every thread's stores precede the release below
-    arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
-    last = arrived == KV_SPLITS - 1
-    if last:
-        for j in tl.static_range(1, KV_SPLITS):
-            other = part_ws + (tile * KV_SPLITS + (part + j) % KV_SPLITS).to(tl.int64) * (BM * (_D + 2))
-            m_o = tl.load(other + BM * _D + rows, cache_modifier=".cg")
-            l_o = tl.load(other + BM * _D + BM + rows, cache_modifier=".cg")
-            acc_o = tl.load(other + rows[:, None] * _D + cols[None, :], cache_modifier=".cg")
-            m_new = tl.maximum(m_i, m_o)  # finite: part 0 always holds keys
-            a_self = tl.math.exp2(m_i - m_new)
-            a_other = tl.math.exp2(m_o - m_new)
-            acc = acc * a_self[:, None] + acc_o * a_other[:, None]
-            l_i = l_i * a_self + l_o * a_other
-            m_i = m_new
-    return acc, l_i, last
-
-
 @triton.jit(do_not_specialize=["N", "H"])
 def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
-              stride_b, stride_n, stride_ob, stride_on, part_ws, counters,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr,
-              KV_SPLITS: tl.constexpr):
+              stride_b, stride_n, stride_ob, stride_on,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr):
     """Attention of ``qkv`` [B, N, 3, H, D] into ``out`` [B, N, H*D].
 
     LOADER "ptr": ``q_src`` = ``kv_src`` = qkv (batch stride ``stride_b``, token stride
@@ -176,22 +141,15 @@ def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
     [B, N, 3*H*D] with boxes [1, BLOCK_M, D] and [1, BLOCK_N, D], ``o_dst`` one over out as
     [B, N, H*D] with boxes [1, BLOCK_M, D]. ``qk_scale`` = softmax scale * log2(e).
 
-    Tile ``(b * H + h) * n_m + pid_m`` is out[b, rows, h*D:(h+1)*D] for the SPLIT * BLOCK_M
-    query rows from pid_m * SPLIT * BLOCK_M of head h: numbered head by head, so programs running
-    together work on few heads and those heads' K and V stay in L2. KV_SPLITS = 1: program i
-    computes tile i. KV_SPLITS > 1 (with SPLIT = 1): programs ``tile * KV_SPLITS + part`` each take
-    one of KV_SPLITS equal ranges of key blocks and merge through ``part_ws`` and ``counters``
-    (:func:`_combine_parts`; both unused, may be None, otherwise): more, shorter programs, so a
-    launch of few tiles (one scan) ends with a shorter partial wave.
+    Program ``(b * H + h) * n_m + pid_m`` computes out[b, rows, h*D:(h+1)*D] for the
+    SPLIT * BLOCK_M query rows from pid_m * SPLIT * BLOCK_M of head h: numbered head by head, so
+    programs running together work on few heads and those heads' K and V stay in L2.
     """
-    tl.static_assert(KV_SPLITS == 1 or SPLIT == 1, "split-KV takes one query sub-tile per program")
     n_m = tl.cdiv(N, SPLIT * BLOCK_M)
     pid = tl.program_id(0)
-    tile = pid // KV_SPLITS
-    part = pid % KV_SPLITS
-    pid_m = tile % n_m
-    b = tile // n_m // H
-    h = tile // n_m % H
+    pid_m = pid % n_m
+    b = pid // n_m // H
+    h = pid // n_m % H
     if LOADER == "ptr":
         q_in = q_src + b.to(tl.int64) * stride_b
         kv_in = q_in
@@ -215,23 +173,15 @@ def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
         l1 = tl.zeros([BLOCK_M], tl.float32)
         acc1 = tl.zeros([BLOCK_M, _D], tl.float32)
 
-    # This program's keys [lo, hi): the full blocks in the pipelined loop, unmasked, then the
-    # ragged rest of N (if in range) in one masked step. One part: lo = 0, hi = N.
+    # Keys [0, n_main) in the pipelined loop, unmasked, then the ragged rest in one masked step.
     n_main = (N // BLOCK_N) * BLOCK_N
-    if KV_SPLITS == 1:
-        lo = 0
-        hi = N
-    else:
-        span = tl.cdiv(tl.cdiv(N, BLOCK_N), KV_SPLITS) * BLOCK_N
-        lo = part * span
-        hi = tl.minimum(lo + span, N)
-    for start in tl.range(lo, tl.minimum(hi, n_main), BLOCK_N):
+    for start in tl.range(0, n_main, BLOCK_N):
         k = _load_tile(kv_in, b, start, k_col, N, stride_n, BLOCK_N, LOADER, False)
         v = _load_tile(kv_in, b, start, v_col, N, stride_n, BLOCK_N, LOADER, False)
         m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, start, N, False)
         if SPLIT == 2:
             m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, start, N, False)
-    if (n_main < hi) & (n_main >= lo):
+    if n_main < N:
         k = _load_tile(kv_in, b, n_main, k_col, N, stride_n, BLOCK_N, LOADER, True)
         v = _load_tile(kv_in, b, n_main, v_col, N, stride_n, BLOCK_N, LOADER, True)
         m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, n_main, N, True)
@@ -239,12 +189,7 @@ def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
             m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, n_main, N, True)
 
     out_dtype = q0.dtype
-    if KV_SPLITS == 1:
-        _store_tile(o_out, b, row0, q_col, N, stride_on, (acc0 * (1.0 / l0)[:, None]).to(out_dtype), LOADER)
-    else:
-        acc0, l0, last = _combine_parts(acc0, m0, l0, part_ws, counters, tile, part, KV_SPLITS)
-        if last:
-            _store_tile(o_out, b, row0, q_col, N, stride_on, (acc0 * (1.0 / l0)[:, None]).to(out_dtype), LOADER)
+    _store_tile(o_out, b, row0, q_col, N, stride_on, (acc0 * (1.0 / l0)[:, None]).to(out_dtype), LOADER)
     if SPLIT == 2:
         _store_tile(o_out, b, row0 + BLOCK_M, q_col, N, stride_on, (acc1 * (1.0 / l1)[:, None]).to(out_dtype),
                     LOADER)
@@ -275,11 +220,10 @@ class Variant:
     split: int
     configs: tuple[AttnConfig, ...]
     configs_fp32: tuple[AttnConfig, ...]
-    kv_splits: int = 1
 
     def meta(self) -> dict:
         """Compile-time arguments of :func:`_attn_fwd` (besides the block sizes)."""
-        return dict(SPLIT=self.split, LOADER=self.loader, KV_SPLITS=self.kv_splits)
+        return dict(SPLIT=self.split, LOADER=self.loader)
 
     def configs_for(self, dtype: torch.dtype) -> tuple[AttnConfig, ...]:
         return self.configs_fp32 if dtype == torch.float32 else self.configs
@@ -305,16 +249,10 @@ VARIANTS: dict[str, Variant] = {
     # (432 | 315 with 64x64 w4 s3).
     "pingpong": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3), AttnConfig(64, 128, 4, 2)),
                         configs_fp32=(AttnConfig(64, 32, 4, 2),)),
-    # "tma" with the keys of each query tile split in two halves, run by two programs and merged
-    # by the one finishing last: for launches of few tiles, e.g. one scan's 12 x 71 tiles of 64
-    # rows fill 132 SMs x 2 programs in 3.2 waves, the last one a quarter full; halves shorten
-    # that last wave. Costs a 16.5 KiB fp32 partial per program (L2) and the merge.
-    "split_kv": Variant("tma", 1, configs=(AttnConfig(64, 128, 4, 3), AttnConfig(128, 64, 4, 3)),
-                        configs_fp32=(AttnConfig(128, 64, 8, 2),), kv_splits=2),
 }
 
 #: Variants whose configurations :func:`flash_attention` tunes over unless told one variant.
-DEFAULT_VARIANTS = ("pingpong", "tma", "split_kv")
+DEFAULT_VARIANTS = ("pingpong", "tma")
 
 #: The one configuration under the interpreter: small blocks, every code path still taken.
 INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
@@ -376,13 +314,7 @@ def kernel_args(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, variant: 
         o_dst = TensorDescriptor(out, (B, N, H * D), (out.stride(0), out.stride(1), 1), block_shape=[1, cfg.block_m, D])
     else:
         q_src, kv_src, o_dst = qkv, qkv, out
-    part_ws = counters = None
-    if spec.kv_splits > 1:
-        tiles = triton.cdiv(N, spec.split * cfg.block_m) * B * H
-        part_ws = torch.empty((tiles * spec.kv_splits, cfg.block_m * (D + 2)), device=qkv.device, dtype=torch.float32)
-        counters = torch.zeros(tiles, device=qkv.device, dtype=torch.int32)
-    args = (q_src, kv_src, o_dst, qk_scale, N, H, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-            part_ws, counters)
+    args = (q_src, kv_src, o_dst, qk_scale, N, H, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1))
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **spec.meta(), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     return args, meta
@@ -395,8 +327,7 @@ def launch(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, variant: str,
     kernel (``n_regs``, ``n_spills``, ``asm``), or None under the interpreter."""
     args, meta = kernel_args(qkv, out, cfg, variant, sm_scale)
     B, N, _, H, _ = qkv.shape
-    spec = VARIANTS[variant]
-    grid = (triton.cdiv(N, spec.split * cfg.block_m) * B * H * spec.kv_splits,)
+    grid = (triton.cdiv(N, VARIANTS[variant].split * cfg.block_m) * B * H,)
     return _attn_fwd[grid](*args, **meta)
 
 
