@@ -63,8 +63,20 @@ def random_qkv(B: int, N: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(B, N, 3, HEADS, HEAD_DIM, device=DEVICE).to(dtype)
 
 
+#: variant -> configurations timed besides the variant's own (``--extra-configs``).
+EXTRA_CONFIGS: dict[str, tuple[AttnConfig, ...]] = {}
+
+
+def parse_extra(spec: str) -> tuple[str, AttnConfig]:
+    """``"tma:64x128w4s2"`` -> ("tma", AttnConfig(64, 128, 4, 2))."""
+    found = re.fullmatch(r"(\w+):(\d+)x(\d+)w(\d+)s(\d+)", spec)
+    if not found or found.group(1) not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"expected VARIANT:BMxBNwWARPSsSTAGES (e.g. tma:64x128w4s2), got {spec!r}")
+    return found.group(1), AttnConfig(*(int(g) for g in found.groups()[1:]))
+
+
 def configs_of(variant: str, dtype: torch.dtype) -> tuple[AttnConfig, ...]:
-    return VARIANTS[variant].configs_for(dtype)
+    return VARIANTS[variant].configs_for(dtype) + EXTRA_CONFIGS.get(variant, ())
 
 
 def kernel_info(kernel) -> dict:
@@ -309,7 +321,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/attention_lab.json"))
     parser.add_argument("--compile-only", action="store_true", help="compile for sm_90 and report; no GPU needed")
     parser.add_argument("--first-config", action="store_true", help="each variant's first configuration only")
+    parser.add_argument("--extra-configs", nargs="*", type=parse_extra, default=[],
+                        help="more configurations to time, VARIANT:BMxBNwWARPSsSTAGES (e.g. tma:64x128w4s2)")
     args = parser.parse_args(argv)
+    for variant, cfg in args.extra_configs:
+        EXTRA_CONFIGS[variant] = EXTRA_CONFIGS.get(variant, ()) + (cfg,)
     variants = [v for v in args.variants.split(",") if v]
     dtypes = [d for d in args.dtypes.split(",") if d]
     unknown = [v for v in variants if v not in VARIANTS] + [d for d in dtypes if d not in DTYPES]

@@ -44,7 +44,7 @@ Variants (:data:`VARIANTS`) switch the compile-time options of the one kernel, :
 
 By default :func:`flash_attention` tunes over the configurations of both ``"tma"`` and
 ``"pingpong"`` (:data:`DEFAULT_VARIANTS`) and keeps the fastest per shape: on an H100 (bf16)
-that is ``tma`` 64x128 for one scan (B=1, few tiles) and ``pingpong`` 64x64 for a batch of 8.
+it has picked ``tma`` for one scan (B=1, few tiles) and ``pingpong`` 64x64 for a batch of 8.
 
 Head dimension 64 (every Brain-JEPA variant); any H, B, N >= 1.
 """
@@ -241,13 +241,19 @@ VARIANTS: dict[str, Variant] = {
                    configs_fp32=(AttnConfig(128, 32, 8, 2), AttnConfig(64, 32, 4, 3))),
     # TMA loads: no address arithmetic or cp.async bookkeeping in the loop, bulk async copies
     # (427 | 350 with 64x128 w4 s3: 64-row programs, twice as many for the few tiles at B=1).
-    "tma": Variant("tma", 1, configs=(AttnConfig(64, 128, 4, 3), AttnConfig(128, 64, 4, 3)),
+    # Two lab runs of 2026-11-27 (session 4, `labs/attention_lab_configs_*` of the 497af3d
+    # results), B=8 | B=1: 64x128 w4 s3 414-433 | 348-350; 64x64 w4 s3 406-409 | 357-359 (the
+    # best at B=1 in both); 64x128 w4 s2 (3 programs per SM) 426-447 | 341-346; 128x64 w8 s3
+    # 421-440 | 347-348. 128x64 w4 s3 (399-401 | 326-331) dropped.
+    "tma": Variant("tma", 1, configs=(AttnConfig(64, 128, 4, 3), AttnConfig(64, 64, 4, 3), AttnConfig(64, 128, 4, 2),
+                                      AttnConfig(128, 64, 8, 3)),
                    configs_fp32=(AttnConfig(128, 64, 8, 2), AttnConfig(64, 64, 4, 2))),
     # Two 64-row sub-tiles per program share each K/V block, each with its own softmax chain:
     # 128 rows of K/V reuse (half the L2 traffic of 64-row programs) with 4 warps and few enough
     # registers for 2-3 programs per SM, whose exponentials and products interleave
-    # (432 | 315 with 64x64 w4 s3).
-    "pingpong": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3), AttnConfig(64, 128, 4, 2)),
+    # (432 | 315 with 64x64 w4 s3; 433-441 | 313-320 in the session-4 runs, where 64x128 w4 s2,
+    # 391-400 | 311-316, was never best and was dropped; so were s2, s4 and 64x32 tries).
+    "pingpong": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3),),
                         configs_fp32=(AttnConfig(64, 32, 4, 2),)),
 }
 

@@ -221,13 +221,14 @@ def test_gpu_default_variant(dtype, B, N, H):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant, cfg", [(v, c) for v in VARIANTS for c in VARIANTS[v].configs], ids=str)
 @pytest.mark.parametrize("N", [77, 4500])
-def test_gpu_every_variant_bf16(variant, N):
-    """Each variant with its first configuration (no tuning), bf16, 12 heads."""
+def test_gpu_every_configuration_bf16(variant, cfg, N):
+    """Each variant with each of its 16-bit configurations (no tuning: whichever the tuner picks
+    is checked), bf16, 12 heads."""
     qkv = random_qkv(2, N, 12, torch.bfloat16, device="cuda", seed=N)
-    out = run(qkv, variant, configs=VARIANTS[variant].configs[:1])
-    assert_close(out, attention_reference(qkv), tol(torch.bfloat16, "cuda"), f"{variant} N={N}")
+    out = run(qkv, variant, configs=(cfg,))
+    assert_close(out, attention_reference(qkv), tol(torch.bfloat16, "cuda"), f"{variant} {cfg} N={N}")
 
 
 @pytest.mark.gpu
