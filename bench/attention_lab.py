@@ -285,11 +285,18 @@ def compile_for_hopper(variant: str, cfg: AttnConfig, dtype: torch.dtype, B: int
     precision = (",".join(precision) or "tf32") if dtype == torch.float32 else str(dtype)[6:]
     row = dict(smem=kernel.metadata.shared, precision=precision,
                compile_s=round(time.time() - t, 1))
+    row.update(cubin_usage(kernel))
+    return row
+
+
+def cubin_usage(kernel) -> dict:
+    """Registers and stack bytes (spills) of a compiled kernel, from ``cuobjdump -res-usage``."""
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"attention_lab_{os.getpid()}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
     usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
     cubin.unlink()
+    row = {}
     for key, name in (("REG", "regs"), ("STACK", "stack")):
         found = re.search(rf"{key}:(\d+)", usage)
         row[name] = int(found.group(1)) if found else None

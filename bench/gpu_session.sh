@@ -2,7 +2,7 @@
 # One device call = one experiment: environment, install, then the named steps, logs under $OUT.
 #   bash bench/gpu_session.sh tests attention linear compare
 # Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small
-# shapes on the GPU too), attention / linear / linear-bf16 (kernel labs),
+# shapes on the GPU too), attention / linear / linear-bf16 / gluon (kernel labs),
 # compare (python -m bench.compare), bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -22,6 +22,7 @@ for step in "$@"; do
     attention) python3 -m bench.attention_lab --out "$OUT/attention_lab.json" 2>&1 | tee "$OUT/attention_lab.log" | tail -40 ;;
     linear) python3 -m bench.linear_lab --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -40 ;;
     linear-bf16) python3 -m bench.linear_lab --dtypes bf16 --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -30 ;;
+    gluon) python3 -m bench.gluon_attention_lab 2>&1 | tee "$OUT/gluon_attention_lab.log" ;;
     compare) python3 -m bench.compare --out "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     bench) python3 -m pytest -q bench --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -40 ;;
     *) echo "unknown step $step" ;;
