@@ -262,24 +262,13 @@ def compile_for_hopper(variant: str, cfg: AttnConfig, dtype: torch.dtype, B: int
     """Compile the kernel :func:`launch` would run for qkv [B, N, 3, 12, 64] for sm_90 (CPU
     tensors stand in for the GPU ones; nothing runs). Returns smem, registers, stack (spills) and
     the ``input_precision`` of the products (as Triton's IR names it)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
     import brainjepa_kernels.flash_attention as fa
 
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
     qkv = torch.empty(B, N, 3, HEADS, HEAD_DIM, dtype=dtype)
     out = torch.empty(B, N, HEADS * HEAD_DIM, dtype=dtype)
-    fn = fa._attn_fwd
     args, meta = fa.kernel_args(qkv, out, cfg, variant)
-    kwargs = dict(meta, debug=False, instrumentation_mode="")
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
     t = time.time()
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    kernel = compile_sm90(fa._attn_fwd, args, meta)
     # The f32 x f32 products' input_precision (16-bit products: their own dtype, whatever it says).
     precision = sorted(set(re.findall(r"inputPrecision = (\w+)", kernel.asm["ttir"])))
     precision = (",".join(precision) or "tf32") if dtype == torch.float32 else str(dtype)[6:]
@@ -287,6 +276,24 @@ def compile_for_hopper(variant: str, cfg: AttnConfig, dtype: torch.dtype, B: int
                compile_s=round(time.time() - t, 1))
     row.update(cubin_usage(kernel))
     return row
+
+
+def compile_sm90(fn, args: tuple, meta: dict, source_cls=None):
+    """Compile the JIT function ``fn`` (Triton, or Gluon with ``source_cls`` = ``GluonASTSource``)
+    for sm_90 as a launch ``fn[grid](*args, **meta)`` would, without a GPU (CPU tensors stand in
+    for the GPU ones); returns Triton's compiled kernel (``asm``, ``metadata``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    kwargs = dict(meta, debug=False, instrumentation_mode="")
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    source = (source_cls or ASTSource)(fn, signature, constexprs, attrs)
+    return triton.compile(source, target=target, options=options.__dict__)
 
 
 def cubin_usage(kernel) -> dict:

@@ -36,9 +36,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-HEAD_DIM = 64
+from brainjepa_kernels.flash_attention import HEAD_DIM, LOG2E
+
 BLOCK_N = 64
-LOG2E = 1.4426950408889634
 
 
 @gluon.jit
@@ -199,25 +199,14 @@ def gluon_attention(qkv: torch.Tensor, block_m: int = 128, stages: int = 3) -> t
 def compile_for_hopper(block_m: int, stages: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """sm_90 compile without a GPU: registers, spills, shared memory and the main loop's order of
     wgmma issues, waits and ex2 (from the PTX)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import create_function_from_signature
 
-    from bench.attention_lab import cubin_usage
+    from bench.attention_lab import compile_sm90, cubin_usage
 
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
     qkv = torch.empty(8, 4500, 3, 12, HEAD_DIM, dtype=dtype)
     out = torch.empty(8, 4500, 12 * HEAD_DIM, dtype=dtype)
     args, meta, _ = kernel_args(qkv, out, block_m, stages)
-    fn = _attn_fwd_overlap
-    kwargs = dict(meta, debug=False, instrumentation_mode="")
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-    kernel = triton.compile(GluonASTSource(fn, signature, constexprs, attrs), target=target,
-                            options=options.__dict__)
+    kernel = compile_sm90(_attn_fwd_overlap, args, meta, GluonASTSource)
     seq = []
     for line in kernel.asm["ptx"].splitlines():
         t = line.strip()
@@ -236,31 +225,32 @@ def compile_for_hopper(block_m: int, stages: int, dtype: torch.dtype = torch.bfl
 
 
 def run_gpu(shapes: list[tuple[int, int]], configs: list[tuple[int, int]]) -> int:
-    """Check each configuration against the fp32 reference (bound: the bf16 kernel bound), then
-    time it and the package's tuned ``flash_attention`` with ``do_bench`` (median)."""
+    """Check each configuration against the fp32 reference (the bf16 kernel bound), then time it
+    and the package's tuned ``flash_attention`` with ``do_bench`` (median)."""
+    from bench.attention_lab import random_qkv, tflops
     from brainjepa_kernels.flash_attention import attention_reference, flash_attention
+    from tests.helpers import KERNEL_TOL, rel_err
 
+    bound = KERNEL_TOL[("cuda", torch.bfloat16)]
     failed = 0
     for B, N in shapes:
-        qkv = torch.randn(B, N, 3, 12, HEAD_DIM, device="cuda").to(torch.bfloat16)
+        qkv = random_qkv(B, N, torch.bfloat16)
         ref = attention_reference(qkv)
-        flops = 4.0 * B * 12 * N * N * HEAD_DIM
         ms = triton.testing.do_bench(lambda: flash_attention(qkv), return_mode="median")
-        print(f"B={B} N={N} flash_attention (tuned): {ms:.3f} ms {flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+        print(f"B={B} N={N} flash_attention (tuned): {ms:.3f} ms {tflops(B, N, ms):.1f} TFLOP/s", flush=True)
         for block_m, stages in configs:
             name = f"gluon {block_m}x{BLOCK_N} s{stages}"
             try:
-                out = gluon_attention(qkv, block_m, stages)
-                err = ((out.float() - ref).norm() / ref.norm()).item()
+                err = rel_err(gluon_attention(qkv, block_m, stages), ref)
             except Exception as exc:  # a lab: report and go on
                 print(f"B={B} N={N} {name}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 failed += 1
                 continue
-            ok = err <= 1e-2
+            ok = err <= bound
             failed += not ok
             ms = triton.testing.do_bench(lambda: gluon_attention(qkv, block_m, stages), return_mode="median")
             print(f"B={B} N={N} {name}: err {err:.2e} {'ok' if ok else 'WRONG'}  {ms:.3f} ms "
-                  f"{flops / ms / 1e9:.1f} TFLOP/s", flush=True)
+                  f"{tflops(B, N, ms):.1f} TFLOP/s", flush=True)
     return 1 if failed else 0
 
 

@@ -5,9 +5,10 @@
 
 One bf16 vit_base encoder on a seeded random checkpoint; each arm sets
 ``flash_attention.DEFAULT_VARIANTS``, forgets the attention picks and the captured graphs, runs
-one untimed call (tuning, capture), then times ``reps`` calls with CUDA events (median ms per
-scan). Arms alternate within each round, so clock drift hits them alike. Also records the
-attention configuration the tuner picked per arm and the error against the fp32 PyTorch path.
+one untimed call (tuning, capture), then times ``reps`` calls with CUDA events
+(``bench.compare.time_forward``; median ms per scan). Arms alternate within each round, so clock
+drift hits them alike. Also records the attention configuration the tuner picked per arm and
+the error against the fp32 PyTorch path.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import torch
 
 import brainjepa_fast as bj
 import brainjepa_kernels.flash_attention as fa
+from bench.compare import time_forward
 from brainjepa_kernels._runtime import _TUNED
+from tests.helpers import rel_err
 
 
 def set_arm(enc: bj.Encoder, variants: tuple[str, ...]) -> None:
@@ -32,19 +35,6 @@ def set_arm(enc: bj.Encoder, variants: tuple[str, ...]) -> None:
         del _TUNED[key]
     if enc._triton_runner is not None:
         enc._triton_runner._graphs.clear()
-
-
-def time_ms(enc: bj.Encoder, x: torch.Tensor, reps: int) -> float:
-    """Median ms per call over ``reps`` calls (CUDA events around each)."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        enc(x)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -69,10 +59,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for rnd in range(args.rounds):
             for arm in arms:
                 set_arm(enc, arm)
-                with torch.no_grad():
-                    out = enc(x).float()  # tunes and captures
-                    ms = time_ms(enc, x, args.reps)
-                err = ((out - ref).norm() / ref.norm()).item()
+                timing = time_forward(enc, x, warmup=1, reps=args.reps)  # the untimed first call tunes and captures
+                ms = statistics.median(timing.times_ms)
+                err = rel_err(timing.output.float(), ref)
                 picks = sorted({str(v) for k, v in _TUNED.items() if k[0] == "flash_attention"})
                 row = dict(batch=B, round=rnd, arm=",".join(arm), ms_per_scan=ms / B, rel_err=err, picks=picks)
                 rows.append(row)
