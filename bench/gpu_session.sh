@@ -3,7 +3,8 @@
 #   bash bench/gpu_session.sh tests attention linear compare
 # Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small
 # shapes on the GPU too), attention / linear / linear-bf16 / gluon (kernel labs),
-# compare (python -m bench.compare), bench (pytest-benchmark suites).
+# variant-ab (encoder A/B over attention variant sets), compare (python -m bench.compare),
+# bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/brainjepa-out}
@@ -23,6 +24,7 @@ for step in "$@"; do
     linear) python3 -m bench.linear_lab --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -40 ;;
     linear-bf16) python3 -m bench.linear_lab --dtypes bf16 --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -30 ;;
     gluon) python3 -m bench.gluon_attention_lab 2>&1 | tee "$OUT/gluon_attention_lab.log" ;;
+    variant-ab) python3 -m bench.variant_ab --out "$OUT/variant_ab.json" 2>&1 | tee "$OUT/variant_ab.log" | tail -8 ;;
     compare) python3 -m bench.compare --out "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     bench) python3 -m pytest -q bench --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -40 ;;
     *) echo "unknown step $step" ;;

@@ -1,10 +1,10 @@
 """A/B of the Triton encoder with different sets of attention variants to tune over (GPU).
 
-    python -m bench.variant_ab [--arms pingpong,tma tma] [--batch-sizes 1 8]
+    python -m bench.variant_ab [--arms pingpong,tma,overlap pingpong,tma] [--batch-sizes 1 8]
                                [--rounds 3] [--reps 30] [--out PATH]
 
 One bf16 vit_base encoder on a seeded random checkpoint; each arm sets
-``flash_attention.DEFAULT_VARIANTS``, forgets the attention picks and the captured graphs, runs
+``flash_attention.DEFAULT_VARIANTS`` (and whether the Gluon ``overlap`` kernel is offered), forgets the attention picks and the captured graphs, runs
 one untimed call (tuning, capture), then times ``reps`` calls with CUDA events
 (``bench.compare.time_forward``; median ms per scan). Arms alternate within each round, so clock
 drift hits them alike. Also records the attention configuration the tuner picked per arm and
@@ -28,9 +28,18 @@ from brainjepa_kernels._runtime import _TUNED
 from tests.helpers import rel_err
 
 
+_OVERLAP_SUPPORTS = fa.overlap_supports
+
+
+def _never(qkv: torch.Tensor) -> bool:
+    return False
+
+
 def set_arm(enc: bj.Encoder, variants: tuple[str, ...]) -> None:
-    """Tune attention over ``variants`` from the next call on: forget picks and graphs."""
-    fa.DEFAULT_VARIANTS = variants
+    """Tune attention over ``variants`` from the next call on (``overlap`` among them: offer the
+    Gluon kernel where it runs): forget picks and graphs."""
+    fa.DEFAULT_VARIANTS = tuple(v for v in variants if v != fa.OVERLAP)
+    fa.overlap_supports = _OVERLAP_SUPPORTS if fa.OVERLAP in variants else _never
     for key in [k for k in _TUNED if k[0] == "flash_attention"]:
         del _TUNED[key]
     if enc._triton_runner is not None:
@@ -39,7 +48,7 @@ def set_arm(enc: bj.Encoder, variants: tuple[str, ...]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arms", nargs="+", default=["pingpong,tma", "tma"])
+    p.add_argument("--arms", nargs="+", default=["pingpong,tma,overlap", "pingpong,tma"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=30)

@@ -42,14 +42,20 @@ Variants (:data:`VARIANTS`) switch the compile-time options of the one kernel, :
 * ``split=2``: two query sub-tiles per program share each K/V block, each with its own
   softmax chain: 128 rows of K/V reuse at a 64-row register footprint (2-3 programs per SM).
 
+* ``"overlap"`` (:data:`OVERLAP`): not this kernel but the Gluon kernel of
+  :mod:`kernels.flash_attention_hopper`, which keeps the next block's ``q k^T`` on the tensor
+  cores during this block's softmax; sm_90 GPUs, fp16/bf16, contiguous ``qkv`` only.
+
 By default :func:`flash_attention` tunes over the configurations of both ``"tma"`` and
-``"pingpong"`` (:data:`DEFAULT_VARIANTS`) and keeps the fastest per shape: on an H100 (bf16)
-it has picked ``tma`` for one scan (B=1, few tiles) and ``pingpong`` 64x64 for a batch of 8.
+``"pingpong"`` (:data:`DEFAULT_VARIANTS`), plus ``"overlap"`` where it can run, and keeps the
+fastest per shape: on an H100 (bf16) it has picked ``tma`` for one scan (B=1, few tiles) and
+``pingpong`` 64x64 for a batch of 8 (before ``"overlap"`` existed).
 
 Head dimension 64 (every Brain-JEPA variant); any H, B, N >= 1.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -59,7 +65,7 @@ import triton.language as tl
 from triton.compiler import CompiledKernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._runtime import INTERPRET, check_dtype, check_out, select_config
+from ._runtime import INTERPRET, check_dtype, check_out, is_hopper, select_config
 
 #: Channels per head (every Brain-JEPA variant); ``_D`` is the same for the kernels.
 HEAD_DIM = 64
@@ -260,22 +266,47 @@ VARIANTS: dict[str, Variant] = {
 #: Variants whose configurations :func:`flash_attention` tunes over unless told one variant.
 DEFAULT_VARIANTS = ("pingpong", "tma")
 
+#: The Gluon kernel of :mod:`kernels.flash_attention_hopper`, tuned over beside
+#: :data:`DEFAULT_VARIANTS` where it can run (:func:`overlap_supports`).
+OVERLAP = "overlap"
+
 #: The one configuration under the interpreter: small blocks, every code path still taken.
 INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
 
 
 def _variant(name: str) -> Variant:
     if name not in VARIANTS:
-        raise ValueError(f"variant: expected one of {', '.join(VARIANTS)}, got {name!r}")
+        raise ValueError(f"variant: expected one of {', '.join((*VARIANTS, OVERLAP))}, got {name!r}")
     return VARIANTS[name]
 
 
-def candidates(dtype: torch.dtype, variant: Optional[str] = None,
-               configs: Optional[Sequence[AttnConfig]] = None) -> tuple[tuple[str, AttnConfig], ...]:
+@functools.lru_cache(maxsize=None)
+def _overlap_module():
+    """:mod:`kernels.flash_attention_hopper`, or None where this Triton has no Gluon for Hopper
+    (imported on first use: it imports this module)."""
+    try:
+        from . import flash_attention_hopper
+    except ImportError:
+        return None
+    return flash_attention_hopper
+
+
+def overlap_supports(qkv: torch.Tensor) -> bool:
+    """Whether the ``"overlap"`` kernel can run ``qkv``: sm_90 GPU, fp16/bf16, contiguous."""
+    module = _overlap_module() if is_hopper(qkv.device) else None
+    return module is not None and module.supports(qkv)
+
+
+def candidates(dtype: torch.dtype, variant: Optional[str] = None, configs: Optional[Sequence[AttnConfig]] = None,
+               overlap: bool = False) -> tuple[tuple[str, AttnConfig], ...]:
     """(variant, configuration) pairs :func:`flash_attention` tunes over for inputs of ``dtype``:
-    those of ``variant``, or of every one of :data:`DEFAULT_VARIANTS` (their union); ``configs``
-    replaces each variant's own list (under the interpreter: :data:`INTERPRET_CONFIG`, and the
-    first pair is used untimed)."""
+    those of ``variant``, or of every one of :data:`DEFAULT_VARIANTS` (their union) followed, with
+    ``overlap`` (the caller checked :func:`overlap_supports`), by the :data:`OVERLAP` kernel's own
+    configurations. ``configs`` replaces each variant's own list (the default then leaves
+    ``"overlap"`` out: its block shapes are restricted); under the interpreter each variant gets
+    :data:`INTERPRET_CONFIG` and the first pair is used untimed."""
+    if variant == OVERLAP:
+        return tuple((OVERLAP, cfg) for cfg in (configs or _overlap_module().CONFIGS))
     names = (variant,) if variant is not None else DEFAULT_VARIANTS
     for name in names:
         _variant(name)
@@ -283,7 +314,10 @@ def candidates(dtype: torch.dtype, variant: Optional[str] = None,
         return tuple((name, cfg) for name in names for cfg in configs)
     if INTERPRET:
         return tuple((name, INTERPRET_CONFIG) for name in names)
-    return tuple((name, cfg) for name in names for cfg in VARIANTS[name].configs_for(dtype))
+    pairs = tuple((name, cfg) for name in names for cfg in VARIANTS[name].configs_for(dtype))
+    if overlap and variant is None:
+        pairs += tuple((OVERLAP, cfg) for cfg in _overlap_module().CONFIGS)
+    return pairs
 
 
 def _check_qkv(qkv: torch.Tensor) -> tuple[int, int, int]:
@@ -330,7 +364,11 @@ def launch(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, variant: str,
            sm_scale: Optional[float] = None) -> Optional[CompiledKernel]:
     """One launch of ``variant`` with the fixed configuration ``cfg`` (no tuning, no checks of
     qkv and out beyond TMA alignment; see :func:`flash_attention`). Returns Triton's compiled
-    kernel (``n_regs``, ``n_spills``, ``asm``), or None under the interpreter."""
+    kernel (``n_regs``, ``n_spills``, ``asm``), or None under the interpreter and for
+    :data:`OVERLAP`."""
+    if variant == OVERLAP:
+        _overlap_module().launch(qkv, out, cfg, sm_scale)
+        return None
     args, meta = kernel_args(qkv, out, cfg, variant, sm_scale)
     B, N, _, H, _ = qkv.shape
     grid = (triton.cdiv(N, VARIANTS[variant].split * cfg.block_m) * B * H,)
@@ -344,13 +382,18 @@ def flash_attention(qkv: torch.Tensor, out: Optional[torch.Tensor] = None, sm_sc
     qkv: fp32/fp16/bf16, e.g. ``linear_out.view(B, N, 3, H, 64)``; any batch and token strides,
     the (3, H, 64) part of a token packed (TMA variants: 16-byte aligned base and strides).
     out: [B, N, H*64] contiguous, qkv's dtype, not overlapping qkv; allocated when None.
-    sm_scale: default 64**-0.5. variant: a key of :data:`VARIANTS` to force one variant (default:
-    tune over the union of :data:`DEFAULT_VARIANTS`' configurations). configs: launch shapes to
-    tune over instead of the variants' own (see :func:`candidates`); the fastest (variant,
-    configuration) pair is picked on first use of each (B, N, H, dtype). Returns ``out``.
+    sm_scale: default 64**-0.5. variant: a key of :data:`VARIANTS` or :data:`OVERLAP` to force one
+    variant (default: tune over the union of :data:`DEFAULT_VARIANTS`' configurations and, where
+    :func:`overlap_supports` holds, :data:`OVERLAP`'s). configs: launch shapes to tune over instead
+    of the variants' own (see :func:`candidates`); the fastest (variant, configuration) pair is
+    picked on first use of each (B, N, H, dtype). Returns ``out``.
     """
     B, N, H = _check_qkv(qkv)
-    pairs = candidates(qkv.dtype, variant, configs)
+    overlap = overlap_supports(qkv)
+    if variant == OVERLAP and not overlap:
+        raise ValueError(f"variant {OVERLAP!r} needs an sm_90 GPU, fp16/bf16 and a contiguous qkv "
+                         f"(got {qkv.dtype} on {qkv.device}, strides {qkv.stride()})")
+    pairs = candidates(qkv.dtype, variant, configs, overlap)
     if out is None:
         out = torch.empty((B, N, H * HEAD_DIM), device=qkv.device, dtype=qkv.dtype)
     check_out(out, (B, N, H * HEAD_DIM), qkv.dtype, qkv.device)
