@@ -23,35 +23,23 @@ import torch
 
 import brainjepa_fast as bj
 import brainjepa_kernels.flash_attention as fa
-import brainjepa_kernels.layernorm_linear as lnl
 from bench.compare import time_forward
 from brainjepa_kernels._runtime import _TUNED
-from brainjepa_kernels.layernorm import row_stats
 from tests.helpers import rel_err
 
 
 _OVERLAP_SUPPORTS = fa.overlap_supports
-_LN_LINEAR = lnl.layernorm_linear_folded
-ROW_STATS = "rowstats"
 
 
 def _never(qkv: torch.Tensor) -> bool:
     return False
 
 
-def _ln_linear_with_row_stats(x: torch.Tensor, folded: lnl.FoldedLinear, activation=None, eps: float = 1e-6,
-                              **kwargs) -> torch.Tensor:
-    return _LN_LINEAR(x, folded, activation, eps, stats=row_stats(x.view(-1, x.shape[-1]), eps), **kwargs)
-
-
-def set_arm(enc: bj.Encoder, tokens: tuple[str, ...]) -> None:
-    """From the next call on, tune attention over the variants among ``tokens`` (``overlap``:
-    offer the Gluon kernel where it runs) and, with ``rowstats``, give qkv and fc1 statistics from
-    a separate pass: forget picks and graphs."""
-    variants = tuple(t for t in tokens if t != ROW_STATS)
+def set_arm(enc: bj.Encoder, variants: tuple[str, ...]) -> None:
+    """Tune attention over ``variants`` from the next call on (``overlap`` among them: offer the
+    Gluon kernel where it runs): forget picks and graphs."""
     fa.DEFAULT_VARIANTS = tuple(v for v in variants if v != fa.OVERLAP)
     fa.overlap_supports = _OVERLAP_SUPPORTS if fa.OVERLAP in variants else _never
-    lnl.layernorm_linear_folded = _ln_linear_with_row_stats if ROW_STATS in tokens else _LN_LINEAR
     for key in [k for k in _TUNED if k[0] == "flash_attention"]:
         del _TUNED[key]
     if enc._triton_runner is not None:

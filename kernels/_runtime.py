@@ -308,36 +308,17 @@ F32_PRECISION = tl.constexpr("tf32x3")
 
 @triton.jit
 def tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ROW_MOMENTS: tl.constexpr = False):
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """fp32 accumulator [BLOCK_M, BLOCK_N] of output tile ``tile_id`` (grouped order) of
     ``x [M, K] @ w [N, K]^T``, both read through TMA descriptors: the main loop the persistent
-    matmul kernels share (inlined, so their tile and K loops still flatten into one).
-
-    Returns ``(acc, mean, m2)``. With ROW_MOMENTS, ``mean`` and ``m2`` [BLOCK_M] (fp32) are the
-    mean and the sum of squared deviations of the tile's rows of x over all K columns, taken from
-    the x tiles the loop loads anyway (no other read of x): each K step's columns get an exact
-    two-pass mean and m2, merged into the running pair with Chan's formula, so a large row mean
-    costs no precision. Without it they are zeros (and compiled away).
-    """
+    matmul kernels share (inlined, so their tile and K loops still flatten into one)."""
     pid_m, pid_n = grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for ki in range(tl.cdiv(K, BLOCK_K)):
         a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
         w = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
         acc = tl.dot(a, w.T, acc, input_precision=F32_PRECISION)
-        if ROW_MOMENTS:
-            cols = ki * BLOCK_K + tl.arange(0, BLOCK_K)
-            n_old = ki * BLOCK_K * 1.0  # fp32 (a Python float under the interpreter)
-            n_step = tl.minimum(BLOCK_K, K - ki * BLOCK_K) * 1.0
-            x = a.to(tl.float32)  # columns past K are zero-filled by TMA
-            step_mean = tl.sum(x, axis=1) / n_step
-            dev = tl.where(cols[None, :] < K, x - step_mean[:, None], 0.0)
-            delta = step_mean - mean
-            mean += delta * (n_step / (n_old + n_step))
-            m2 += tl.sum(dev * dev, axis=1) + delta * delta * (n_old * n_step / (n_old + n_step))
-    return acc, mean, m2
+    return acc
 
 
 @triton.jit

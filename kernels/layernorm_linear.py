@@ -37,6 +37,7 @@ import triton.language as tl
 from ._runtime import (MatmulConfig, as_rows, check_dtype, check_out, check_tma_matrix, grouped_tile,
                        matmul_candidates, matmul_operands, select_config, split_columns, tile_matmul,
                        tma_operand)
+from .layernorm import row_stats
 
 ACTIVATIONS = (None, "gelu")
 
@@ -90,10 +91,10 @@ def _ln_epilogue(acc, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, 
 
 @triton.jit(do_not_specialize=["M", "num_programs"])
 def _ln_linear_kernel(x_desc, w_desc, out_desc, stats_ptr, colsum_ptr, bias_ptr,
-                      M, N, K, num_programs, eps,
+                      M, N, K, num_programs,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr,
-                      DEVICE_DESC: tl.constexpr, GELU: tl.constexpr, STATS_IN_LOOP: tl.constexpr):
+                      DEVICE_DESC: tl.constexpr, GELU: tl.constexpr):
     """out [M, N] = act(LN(x) @ W^T + b) from raw x [M, K], folded W' [N, K] (descriptors, or
     pointers with DEVICE_DESC), stats [M, 2] (mean, rstd) fp32, colsum c [N] fp32 and folded bias
     b' [N] fp32. Program p handles tiles p, p + num_programs, ... (num_programs = #tiles: one each)."""
@@ -109,19 +110,15 @@ def _ln_linear_kernel(x_desc, w_desc, out_desc, stats_ptr, colsum_ptr, bias_ptr,
     tile_id_c = tl.program_id(0) - num_programs
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs,
                             flatten=FLATTEN):
-        acc, mean, m2 = tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                    GROUP_M, STATS_IN_LOOP)
+        acc = tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
         tile_id_c += num_programs
         pid_m, pid_n = grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        if STATS_IN_LOOP:
-            rstd = tl.math.rsqrt(m2 / K + eps)
-        else:
-            rows = off_m + tl.arange(0, BLOCK_M)
-            mean = tl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
-            rstd = tl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
+        rows = off_m + tl.arange(0, BLOCK_M)
+        mean = tl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
+        rstd = tl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
         if SUBTILE:
             left, right = split_columns(acc, BLOCK_M, BLOCK_N)
             _ln_epilogue(left, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, N, BLOCK_N // 2, GELU)
@@ -200,20 +197,18 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
         return out
     out2 = out.view(M, N)
     check_tma_matrix(out2, "out")
-    in_loop = stats is None
-    if not in_loop:
-        check_out(stats, (M, 2), torch.float32, x.device, "stats")
+    if stats is None:
+        stats = row_stats(x2, eps)
+    check_out(stats, (M, 2), torch.float32, x.device, "stats")
 
     def launch(cfg: MatmulConfig) -> None:
         x_desc, w_desc, out_desc = matmul_operands(cfg, x2, folded.weight, out2)
         programs = cfg.num_programs(M, N, x.device)
-        _ln_linear_kernel[(programs,)](x_desc, w_desc, out_desc, folded.bias if in_loop else stats, folded.colsum,
-                                       folded.bias, M, N, K, programs, eps, GELU=activation == "gelu",
-                                       STATS_IN_LOOP=in_loop, **cfg.meta())
+        _ln_linear_kernel[(programs,)](x_desc, w_desc, out_desc, stats, folded.colsum, folded.bias,
+                                       M, N, K, programs, GELU=activation == "gelu", **cfg.meta())
 
     candidates = tuple(configs) if configs else matmul_candidates(x.dtype, x.device)
-    key = ("layernorm_linear", M, N, K, x.dtype, activation, in_loop)
-    launch(select_config(key, candidates, lambda: launch))
+    launch(select_config(("layernorm_linear", M, N, K, x.dtype, activation), candidates, lambda: launch))
     return out
 
 

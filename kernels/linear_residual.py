@@ -54,7 +54,7 @@ def _linear_residual_kernel(x_desc, w_desc, res_desc, out_desc, bias_ptr, M, N, 
     tile_id_c = tl.program_id(0) - num_programs
     for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs,
                             flatten=FLATTEN):
-        acc, _, _ = tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+        acc = tile_matmul(x_desc, w_desc, tile_id, num_pid_m, num_pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
         tile_id_c += num_programs
         pid_m, pid_n = grouped_tile(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
