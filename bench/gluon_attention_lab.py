@@ -16,7 +16,7 @@ History (2026-11-27): written in session 4; first GPU run in session 5 (H100): c
 against 426 TFLOP/s at B=8, because ptxas had serialized every wgmma (kernel docstring); fixed,
 then two steps per loop iteration: 428.8 at B=8 and 390.8 at B=1 (tuned Triton kernel: 428.3 and
 377-380 in the same run). A warp-specialized version (producer warp for the TMA loads) was correct
-but slower (commit "Lab experiment ... warp-specialized", removed after it;
+but slower (commit 76238cc, removed in f61c8a4;
 ``bench/results/2026-11-27-h100-gluon/gluon_lab_4_ws.log``).
 """
 from __future__ import annotations
