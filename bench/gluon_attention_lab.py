@@ -37,7 +37,6 @@ from brainjepa_kernels.flash_attention import HEAD_DIM, AttnConfig
 from brainjepa_kernels.flash_attention_hopper import _attn_fwd_overlap, kernel_args, launch
 
 
-
 def gluon_attention(qkv: torch.Tensor, block_m: int = 64, block_n: int = 128, stages: int = 3, unroll: int = 2,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The package's overlap kernel with one lab configuration: qkv [B, N, 3, H, 64] -> [B, N, H*64]."""

@@ -4,8 +4,9 @@
                                [--rounds 3] [--reps 30] [--out PATH]
 
 One bf16 vit_base encoder on a seeded random checkpoint; each arm sets
-``flash_attention.DEFAULT_VARIANTS`` (and whether the Gluon ``overlap`` kernel is offered), forgets the attention picks and the captured graphs, runs
-one untimed call (tuning, capture), then times ``reps`` calls with CUDA events
+``flash_attention.DEFAULT_VARIANTS`` (and whether the Gluon ``overlap`` kernel is offered),
+forgets the attention picks and the captured graphs, runs one untimed call (tuning, capture),
+then times ``reps`` calls with CUDA events
 (``bench.compare.time_forward``; median ms per scan). Arms alternate within each round, so clock
 drift hits them alike. Also records the attention configuration the tuner picked per arm and
 the error against the fp32 PyTorch path.

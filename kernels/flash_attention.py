@@ -65,7 +65,7 @@ import triton.language as tl
 from triton.compiler import CompiledKernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._runtime import INTERPRET, check_dtype, check_out, is_hopper, select_config
+from ._runtime import INTERPRET, check_dtype, check_out, select_config
 
 #: Channels per head (every Brain-JEPA variant); ``_D`` is the same for the kernels.
 HEAD_DIM = 64
@@ -293,7 +293,7 @@ def _overlap_module():
 
 def overlap_supports(qkv: torch.Tensor) -> bool:
     """Whether the ``"overlap"`` kernel can run ``qkv``: sm_90 GPU, fp16/bf16, contiguous."""
-    module = _overlap_module() if is_hopper(qkv.device) else None
+    module = _overlap_module()
     return module is not None and module.supports(qkv)
 
 
