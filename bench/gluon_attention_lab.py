@@ -38,16 +38,16 @@ from brainjepa_kernels.flash_attention_hopper import _attn_fwd_overlap, kernel_a
 
 
 def gluon_attention(qkv: torch.Tensor, block_m: int = 64, block_n: int = 128, stages: int = 3, unroll: int = 2,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    anchored: int = 0, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The package's overlap kernel with one lab configuration: qkv [B, N, 3, H, 64] -> [B, N, H*64]."""
     B, N, _, H, D = qkv.shape
     if out is None:
         out = torch.empty(B, N, H * D, device=qkv.device, dtype=qkv.dtype)
-    launch(qkv, out, AttnConfig(block_m, block_n, block_m // 16, stages), unroll=unroll)
+    launch(qkv, out, AttnConfig(block_m, block_n, block_m // 16, stages), unroll=unroll, anchored=bool(anchored))
     return out
 
 
-def compile_for_hopper(block_m: int, block_n: int, stages: int, unroll: int = 1,
+def compile_for_hopper(block_m: int, block_n: int, stages: int, unroll: int = 1, anchored: int = 0,
                        dtype: torch.dtype = torch.bfloat16) -> dict:
     """sm_90 compile without a GPU: registers, spills, shared memory and the main loop's order of
     wgmma issues, waits and ex2 (from the PTX)."""
@@ -57,7 +57,8 @@ def compile_for_hopper(block_m: int, block_n: int, stages: int, unroll: int = 1,
 
     qkv = torch.empty(8, 4500, 3, 12, HEAD_DIM, dtype=dtype)
     out = torch.empty(8, 4500, 12 * HEAD_DIM, dtype=dtype)
-    args, meta, _ = kernel_args(qkv, out, AttnConfig(block_m, block_n, block_m // 16, stages), unroll=unroll)
+    args, meta, _ = kernel_args(qkv, out, AttnConfig(block_m, block_n, block_m // 16, stages), unroll=unroll,
+                                anchored=bool(anchored))
     kernel = compile_sm90(_attn_fwd_overlap, args, meta, GluonASTSource)
     seq = []
     for line in kernel.asm["ptx"].splitlines():
@@ -70,7 +71,8 @@ def compile_for_hopper(block_m: int, block_n: int, stages: int, unroll: int = 1,
                 seq[-1][1] += 1
             else:
                 seq.append([word, 1])
-    row = dict(block_m=block_m, block_n=block_n, stages=stages, unroll=unroll, smem=kernel.metadata.shared,
+    row = dict(block_m=block_m, block_n=block_n, stages=stages, unroll=unroll, anchored=anchored,
+               smem=kernel.metadata.shared,
                sequence=" ".join(f"{w}x{n}" if n > 1 else w for w, n in seq))
     row.update(cubin_usage(kernel))
     row.update(sass_waits(kernel))
@@ -114,7 +116,7 @@ def run_gpu(shapes: list[tuple[int, int]], configs: list[tuple[int, int, int, in
             print(f"B={B} N={N} its pick {variant} {pick} launched directly: {ms:.3f} ms {tflops(B, N, ms):.1f} "
                   f"TFLOP/s", flush=True)
         for cfg in configs:
-            name = "gluon {}x{} s{} u{}".format(*cfg)
+            name = "gluon {}x{} s{} u{}{}".format(*cfg[:4], " anchored" if cfg[4] else "")
             out.fill_(float("nan"))  # poisoned: a row left unwritten fails the check
             try:
                 err = rel_err(gluon_attention(qkv, *cfg, out=out), ref)
@@ -135,15 +137,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--compile-only", action="store_true")
     p.add_argument("--configs", nargs="+",
                    default=["64x128x3u2", "64x128x3", "64x64x3", "128x64x4"],
-                   help="BLOCK_MxBLOCK_NxSTAGES[uUNROLL] (BLOCK_M = 16 * warps; BLOCK_N 64 or 128; STAGES >= 3; "
-                        "UNROLL 1 or 2)")
+                   help="BLOCK_MxBLOCK_NxSTAGES[uUNROLL][a] (BLOCK_M = 16 * warps; BLOCK_N 64 or 128; STAGES >= 3; "
+                        "UNROLL 1 or 2; a: softmax anchored at the first key block)")
     args = p.parse_args(argv)
     configs = []
     for spec in args.configs:
-        found = re.fullmatch(r"(64|128)x(64|128)x(\d+)(?:u([12]))?", spec)
+        found = re.fullmatch(r"(64|128)x(64|128)x(\d+)(?:u([12]))?(a?)", spec)
         if not found:
-            p.error(f"--configs: expected BLOCK_MxBLOCK_NxSTAGES[uUNROLL] such as 64x128x3u2, got {spec!r}")
-        configs.append(tuple(int(g or 1) for g in found.groups()))
+            p.error(f"--configs: expected BLOCK_MxBLOCK_NxSTAGES[uUNROLL][a] such as 64x128x3u2a, got {spec!r}")
+        bm, bn, st, un, anchored = found.groups()
+        configs.append((int(bm), int(bn), int(st), int(un or 1), int(anchored == "a")))
     if args.compile_only:
         for cfg in configs:
             try:

@@ -2,7 +2,9 @@
 # One device call = one experiment: environment, install, then the named steps, logs under $OUT.
 #   bash bench/gpu_session.sh tests attention linear compare
 # Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small
-# shapes on the GPU too), attention / linear / linear-bf16 / gluon (kernel labs),
+# shapes on the GPU too), tests-flash (the attention kernels' tests only), attention / linear /
+# linear-bf16 / gluon (kernel labs), gluon-anchored / attention-anchored (the anchored softmax
+# against the online one),
 # variant-ab (encoder A/B over attention variant sets), compare (python -m bench.compare),
 # bench (pytest-benchmark suites).
 set -uo pipefail
@@ -23,7 +25,10 @@ for step in "$@"; do
     attention) python3 -m bench.attention_lab --out "$OUT/attention_lab.json" 2>&1 | tee "$OUT/attention_lab.log" | tail -40 ;;
     linear) python3 -m bench.linear_lab --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -40 ;;
     linear-bf16) python3 -m bench.linear_lab --dtypes bf16 --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -30 ;;
+    tests-flash) python3 -m pytest -q -rA tests/kernels/test_flash_attention.py tests/kernels/test_flash_attention_hopper.py 2>&1 | tee "$OUT/gpu_tests_flash.log" | grep -E "passed|failed|FAIL" ;;
     gluon) python3 -m bench.gluon_attention_lab 2>&1 | tee "$OUT/gluon_attention_lab.log" ;;
+    gluon-anchored) python3 -m bench.gluon_attention_lab --configs 64x128x3u2 64x128x3u2a 64x64x3u2a 64x64x4a 64x128x3a 2>&1 | tee "$OUT/gluon_attention_lab_anchored.log" ;;
+    attention-anchored) python3 -m bench.attention_lab --variants pingpong,pingpong_anchored,tma,tma_anchored --dtypes bf16 --out "$OUT/attention_lab_anchored.json" 2>&1 | tee "$OUT/attention_lab_anchored.log" | tail -30 ;;
     variant-ab) python3 -m bench.variant_ab --out "$OUT/variant_ab.json" 2>&1 | tee "$OUT/variant_ab.log" | tail -8 ;;
     compare) python3 -m bench.compare --out "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     bench) python3 -m pytest -q bench --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -40 ;;

@@ -4,7 +4,7 @@
                                [--rounds 3] [--reps 30] [--out PATH]
 
 One bf16 vit_base encoder on a seeded random checkpoint; each arm sets
-``flash_attention.DEFAULT_VARIANTS`` (and whether the Gluon ``overlap`` kernel is offered),
+``flash_attention.DEFAULT_VARIANTS`` and ``DEFAULT_GLUON_VARIANTS`` (the Gluon ones of the arm),
 forgets the attention picks and the captured graphs, runs one untimed call (tuning, capture),
 then times ``reps`` calls with CUDA events
 (``bench.compare.time_forward``; median ms per scan). Arms alternate within each round, so clock
@@ -29,18 +29,14 @@ from brainjepa_kernels._runtime import _TUNED
 from tests.helpers import rel_err
 
 
-_OVERLAP_SUPPORTS = fa.overlap_supports
-
-
-def _never(qkv: torch.Tensor) -> bool:
-    return False
-
-
 def set_arm(enc: bj.Encoder, variants: tuple[str, ...]) -> None:
-    """Tune attention over ``variants`` from the next call on (``overlap`` among them: offer the
-    Gluon kernel where it runs): forget picks and graphs."""
-    fa.DEFAULT_VARIANTS = tuple(v for v in variants if v != fa.OVERLAP)
-    fa.overlap_supports = _OVERLAP_SUPPORTS if fa.OVERLAP in variants else _never
+    """Tune attention over ``variants`` from the next call on (Gluon variants among them are
+    offered where the Gluon kernel runs): forget picks and graphs."""
+    for name in variants:
+        if name not in fa.VARIANTS and name not in fa.GLUON_VARIANTS:
+            raise SystemExit(f"--arms: unknown attention variant {name!r}")
+    fa.DEFAULT_VARIANTS = tuple(v for v in variants if v in fa.VARIANTS)
+    fa.DEFAULT_GLUON_VARIANTS = tuple(v for v in variants if v in fa.GLUON_VARIANTS)
     for key in [k for k in _TUNED if k[0] == "flash_attention"]:
         del _TUNED[key]
     if enc._triton_runner is not None:

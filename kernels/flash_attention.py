@@ -114,31 +114,90 @@ def _store_tile(dst, b, row, col, n_rows, stride_n, tile, LOADER: tl.constexpr):
 
 
 @triton.jit
-def _attend(q, k_t, v, m_i, l_i, acc, qk_scale, start, N, MASKED: tl.constexpr):
+def _attend(q, k_t, v, m_i, l_i, acc, qk_scale, start, N, MASKED: tl.constexpr, ANCHORED: tl.constexpr = False):
     """One online-softmax step of a query tile over one key block.
 
     q [BM, D], k_t [D, BN], v [BN, D] (input dtype); m_i [BM] running max of the scaled scores in
     log2 units, l_i [BM] running sum of p, acc [BM, D] running p @ v (all fp32). MASKED: key
-    columns ``start + j >= N`` get p = 0. Returns the updated (m_i, l_i, acc).
+    columns ``start + j >= N`` get p = 0. ANCHORED: keep m_i (the anchor) instead of raising it to
+    this block's max, so no row max, no rescaling; p may exceed 1 (see :func:`_attend_keys`).
+    Returns the updated (m_i, l_i, acc).
     """
     s = tl.dot(q, k_t, input_precision=_F32_PRECISION)
     if MASKED:
         cols = start + tl.arange(0, k_t.shape[1])
         s = tl.where(cols[None, :] < N, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.math.exp2(m_i - m_new)
-    acc = acc * alpha[:, None]
-    l_i = l_i * alpha
+    if ANCHORED:
+        m_new = m_i
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i += tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=_F32_PRECISION)
     return m_new, l_i, acc
 
 
+@triton.jit
+def _attend_keys(q0, q1, kv_in, b, k_col, v_col, qk_scale, N, stride_n,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr,
+                 ANCHORED: tl.constexpr):
+    """Attention state (m, l, acc) of query tiles q0 (and q1 if SPLIT == 2) over all N keys.
+
+    Keys [0, n_main) in the pipelined loop, unmasked, then the ragged rest in one masked step.
+    ANCHORED: the first full key block runs an ordinary online step from m = -inf, which sets m to
+    its row max (the anchor); the other full blocks keep that anchor (:func:`_attend` with
+    ANCHORED): per score no max and per block no rescaling of acc and l. Any (m, l, acc) with
+    l = sum exp2(s*c - m) and acc = sum exp2(s*c - m) v is a valid state of the online softmax,
+    so the result is exact as long as nothing overflows: a later key may score up to ~2**127
+    (fp32, bf16 p) or 2**15 (fp16 p) times the anchor's exp. The caller checks for overflow
+    (non-finite l or acc) and, where it happened, runs this again with ANCHORED False.
+    """
+    m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l0 = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, _D], tl.float32)
+    m1 = m0
+    l1 = l0
+    acc1 = acc0
+    n_main = (N // BLOCK_N) * BLOCK_N
+    lo = 0
+    if ANCHORED:
+        lo = BLOCK_N
+        if n_main > 0:
+            k = _load_tile(kv_in, b, 0, k_col, N, stride_n, BLOCK_N, LOADER, False)
+            v = _load_tile(kv_in, b, 0, v_col, N, stride_n, BLOCK_N, LOADER, False)
+            m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, 0, N, False)
+            if SPLIT == 2:
+                m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, 0, N, False)
+    for start in tl.range(lo, n_main, BLOCK_N):
+        k = _load_tile(kv_in, b, start, k_col, N, stride_n, BLOCK_N, LOADER, False)
+        v = _load_tile(kv_in, b, start, v_col, N, stride_n, BLOCK_N, LOADER, False)
+        m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, start, N, False, ANCHORED)
+        if SPLIT == 2:
+            m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, start, N, False, ANCHORED)
+    if n_main < N:
+        k = _load_tile(kv_in, b, n_main, k_col, N, stride_n, BLOCK_N, LOADER, True)
+        v = _load_tile(kv_in, b, n_main, v_col, N, stride_n, BLOCK_N, LOADER, True)
+        m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, n_main, N, True)
+        if SPLIT == 2:
+            m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, n_main, N, True)
+    return l0, acc0, l1, acc1
+
+
+@triton.jit
+def _overflowed(l_i, acc):
+    """Number of rows whose sum l or output acc is not finite (inf, or NaN)."""
+    finite = (l_i < float("inf")) & (tl.sum((tl.abs(acc) < float("inf")).to(tl.int32), 1) == acc.shape[1])
+    return tl.sum((~finite).to(tl.int32), 0)
+
+
 @triton.jit(do_not_specialize=["N", "H"])
 def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
               stride_b, stride_n, stride_ob, stride_on,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr,
+              ANCHORED: tl.constexpr):
     """Attention of ``qkv`` [B, N, 3, H, D] into ``out`` [B, N, H*D].
 
     LOADER "ptr": ``q_src`` = ``kv_src`` = qkv (batch stride ``stride_b``, token stride
@@ -170,29 +229,18 @@ def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
     row0 = pid_m * (SPLIT * BLOCK_M)
 
     q0 = _load_tile(q_in, b, row0, q_col, N, stride_n, BLOCK_M, LOADER, True)
-    m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l0 = tl.zeros([BLOCK_M], tl.float32)
-    acc0 = tl.zeros([BLOCK_M, _D], tl.float32)
+    q1 = q0
     if SPLIT == 2:
         q1 = _load_tile(q_in, b, row0 + BLOCK_M, q_col, N, stride_n, BLOCK_M, LOADER, True)
-        m1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l1 = tl.zeros([BLOCK_M], tl.float32)
-        acc1 = tl.zeros([BLOCK_M, _D], tl.float32)
-
-    # Keys [0, n_main) in the pipelined loop, unmasked, then the ragged rest in one masked step.
-    n_main = (N // BLOCK_N) * BLOCK_N
-    for start in tl.range(0, n_main, BLOCK_N):
-        k = _load_tile(kv_in, b, start, k_col, N, stride_n, BLOCK_N, LOADER, False)
-        v = _load_tile(kv_in, b, start, v_col, N, stride_n, BLOCK_N, LOADER, False)
-        m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, start, N, False)
+    l0, acc0, l1, acc1 = _attend_keys(q0, q1, kv_in, b, k_col, v_col, qk_scale, N, stride_n,
+                                      BLOCK_M, BLOCK_N, SPLIT, LOADER, ANCHORED)
+    if ANCHORED:
+        bad = _overflowed(l0, acc0)
         if SPLIT == 2:
-            m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, start, N, False)
-    if n_main < N:
-        k = _load_tile(kv_in, b, n_main, k_col, N, stride_n, BLOCK_N, LOADER, True)
-        v = _load_tile(kv_in, b, n_main, v_col, N, stride_n, BLOCK_N, LOADER, True)
-        m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, n_main, N, True)
-        if SPLIT == 2:
-            m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, n_main, N, True)
+            bad += _overflowed(l1, acc1)
+        if bad > 0:  # a key scored far above the anchor (or NaN inputs): redo with the running max
+            l0, acc0, l1, acc1 = _attend_keys(q0, q1, kv_in, b, k_col, v_col, qk_scale, N, stride_n,
+                                              BLOCK_M, BLOCK_N, SPLIT, LOADER, False)
 
     out_dtype = q0.dtype
     _store_tile(o_out, b, row0, q_col, N, stride_on, (acc0 * (1.0 / l0)[:, None]).to(out_dtype), LOADER)
@@ -226,10 +274,11 @@ class Variant:
     split: int
     configs: tuple[AttnConfig, ...]
     configs_fp32: tuple[AttnConfig, ...]
+    anchored: bool = False
 
     def meta(self) -> dict:
         """Compile-time arguments of :func:`_attn_fwd` (besides the block sizes)."""
-        return dict(SPLIT=self.split, LOADER=self.loader)
+        return dict(SPLIT=self.split, LOADER=self.loader, ANCHORED=self.anchored)
 
     def configs_for(self, dtype: torch.dtype) -> tuple[AttnConfig, ...]:
         return self.configs_fp32 if dtype == torch.float32 else self.configs
@@ -261,14 +310,28 @@ VARIANTS: dict[str, Variant] = {
     # 391-400 | 311-316, was never best and was dropped; so were s2, s4 and 64x32 tries).
     "pingpong": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3),),
                         configs_fp32=(AttnConfig(64, 32, 4, 2),)),
+    # The same two with the softmax anchored at the first key block's row max (_attend_keys):
+    # no row max and no rescaling per block after the first; redone with the running max where
+    # a later key overflowed.
+    "tma_anchored": Variant("tma", 1, configs=(AttnConfig(64, 128, 4, 3), AttnConfig(64, 64, 4, 3),
+                                               AttnConfig(64, 128, 4, 2), AttnConfig(128, 64, 8, 3)),
+                            configs_fp32=(AttnConfig(128, 64, 8, 2), AttnConfig(64, 64, 4, 2)), anchored=True),
+    "pingpong_anchored": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3), AttnConfig(64, 128, 4, 2)),
+                                 configs_fp32=(AttnConfig(64, 32, 4, 2),), anchored=True),
 }
 
 #: Variants whose configurations :func:`flash_attention` tunes over unless told one variant.
 DEFAULT_VARIANTS = ("pingpong", "tma")
 
-#: The Gluon kernel of :mod:`kernels.flash_attention_hopper`, tuned over beside
-#: :data:`DEFAULT_VARIANTS` where it can run (:func:`overlap_supports`).
+#: The Gluon kernel of :mod:`kernels.flash_attention_hopper` under its variant names (name ->
+#: whether its softmax is anchored, as in :func:`_attend_keys`); not keys of :data:`VARIANTS`.
 OVERLAP = "overlap"
+OVERLAP_ANCHORED = "overlap_anchored"
+GLUON_VARIANTS = {OVERLAP: False, OVERLAP_ANCHORED: True}
+
+#: Gluon variants tuned over beside :data:`DEFAULT_VARIANTS` where they can run
+#: (:func:`overlap_supports`).
+DEFAULT_GLUON_VARIANTS = (OVERLAP, OVERLAP_ANCHORED)
 
 #: The one configuration under the interpreter: small blocks, every code path still taken.
 INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
@@ -276,7 +339,7 @@ INTERPRET_CONFIG = AttnConfig(16, 16, 4, 1)
 
 def _variant(name: str) -> Variant:
     if name not in VARIANTS:
-        raise ValueError(f"variant: expected one of {', '.join((*VARIANTS, OVERLAP))}, got {name!r}")
+        raise ValueError(f"variant: expected one of {', '.join((*VARIANTS, *GLUON_VARIANTS))}, got {name!r}")
     return VARIANTS[name]
 
 
@@ -292,7 +355,8 @@ def _overlap_module():
 
 
 def overlap_supports(qkv: torch.Tensor) -> bool:
-    """Whether the ``"overlap"`` kernel can run ``qkv``: sm_90 GPU, fp16/bf16, contiguous."""
+    """Whether the Gluon kernel (:data:`GLUON_VARIANTS`) can run ``qkv``: sm_90 GPU, fp16/bf16,
+    contiguous."""
     module = _overlap_module()
     return module is not None and module.supports(qkv)
 
@@ -301,12 +365,13 @@ def candidates(dtype: torch.dtype, variant: Optional[str] = None, configs: Optio
                overlap: bool = False) -> tuple[tuple[str, AttnConfig], ...]:
     """(variant, configuration) pairs :func:`flash_attention` tunes over for inputs of ``dtype``:
     those of ``variant``, or of every one of :data:`DEFAULT_VARIANTS` (their union) followed, with
-    ``overlap`` (the caller checked :func:`overlap_supports`), by the :data:`OVERLAP` kernel's own
-    configurations. ``configs`` replaces each variant's own list (the default then leaves
-    ``"overlap"`` out: its block shapes are restricted); under the interpreter each variant gets
-    :data:`INTERPRET_CONFIG` and the first pair is used untimed."""
-    if variant == OVERLAP:
-        return tuple((OVERLAP, cfg) for cfg in (configs or _overlap_module().CONFIGS))
+    ``overlap`` (the caller checked :func:`overlap_supports`), by the Gluon kernel's own
+    configurations under each of :data:`DEFAULT_GLUON_VARIANTS`. ``configs`` replaces each
+    variant's own list (the default then leaves the Gluon variants out: their block shapes are
+    restricted); under the interpreter each variant gets :data:`INTERPRET_CONFIG` and the first
+    pair is used untimed."""
+    if variant in GLUON_VARIANTS:
+        return tuple((variant, cfg) for cfg in (configs or _overlap_module().CONFIGS))
     names = (variant,) if variant is not None else DEFAULT_VARIANTS
     for name in names:
         _variant(name)
@@ -316,7 +381,7 @@ def candidates(dtype: torch.dtype, variant: Optional[str] = None, configs: Optio
         return tuple((name, INTERPRET_CONFIG) for name in names)
     pairs = tuple((name, cfg) for name in names for cfg in VARIANTS[name].configs_for(dtype))
     if overlap and variant is None:
-        pairs += tuple((OVERLAP, cfg) for cfg in _overlap_module().CONFIGS)
+        pairs += tuple((name, cfg) for name in DEFAULT_GLUON_VARIANTS for cfg in _overlap_module().CONFIGS)
     return pairs
 
 
@@ -364,10 +429,10 @@ def launch(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, variant: str,
            sm_scale: Optional[float] = None) -> Optional[CompiledKernel]:
     """One launch of ``variant`` with the fixed configuration ``cfg`` (no tuning, no checks of
     qkv and out beyond TMA alignment; see :func:`flash_attention`). Returns Triton's compiled
-    kernel (``n_regs``, ``n_spills``, ``asm``), or None under the interpreter and for
-    :data:`OVERLAP`."""
-    if variant == OVERLAP:
-        _overlap_module().launch(qkv, out, cfg, sm_scale)
+    kernel (``n_regs``, ``n_spills``, ``asm``), or None under the interpreter and for the
+    :data:`GLUON_VARIANTS`."""
+    if variant in GLUON_VARIANTS:
+        _overlap_module().launch(qkv, out, cfg, sm_scale, anchored=GLUON_VARIANTS[variant])
         return None
     args, meta = kernel_args(qkv, out, cfg, variant, sm_scale)
     B, N, _, H, _ = qkv.shape
@@ -382,16 +447,16 @@ def flash_attention(qkv: torch.Tensor, out: Optional[torch.Tensor] = None, sm_sc
     qkv: fp32/fp16/bf16, e.g. ``linear_out.view(B, N, 3, H, 64)``; any batch and token strides,
     the (3, H, 64) part of a token packed (TMA variants: 16-byte aligned base and strides).
     out: [B, N, H*64] contiguous, qkv's dtype, not overlapping qkv; allocated when None.
-    sm_scale: default 64**-0.5. variant: a key of :data:`VARIANTS` or :data:`OVERLAP` to force one
-    variant (default: tune over the union of :data:`DEFAULT_VARIANTS`' configurations and, where
-    :func:`overlap_supports` holds, :data:`OVERLAP`'s). configs: launch shapes to tune over instead
+    sm_scale: default 64**-0.5. variant: a key of :data:`VARIANTS` or :data:`GLUON_VARIANTS` to
+    force one variant (default: tune over the union of :data:`DEFAULT_VARIANTS`' configurations
+    and, where :func:`overlap_supports` holds, those of :data:`DEFAULT_GLUON_VARIANTS`). configs: launch shapes to tune over instead
     of the variants' own (see :func:`candidates`); the fastest (variant, configuration) pair is
     picked on first use of each (B, N, H, dtype). Returns ``out``.
     """
     B, N, H = _check_qkv(qkv)
     overlap = overlap_supports(qkv)
-    if variant == OVERLAP and not overlap:
-        raise ValueError(f"variant {OVERLAP!r} needs an sm_90 GPU, fp16/bf16 and a contiguous qkv "
+    if variant in GLUON_VARIANTS and not overlap:
+        raise ValueError(f"variant {variant!r} needs an sm_90 GPU, fp16/bf16 and a contiguous qkv "
                          f"(got {qkv.dtype} on {qkv.device}, strides {qkv.stride()})")
     pairs = candidates(qkv.dtype, variant, configs, overlap)
     if out is None:

@@ -70,17 +70,29 @@ def _softmax_update(s, m_i, l_i, qk_scale):
 
 
 @gluon.jit
+def _softmax_anchored(s, m_i, l_i, qk_scale):
+    """The same with m_i kept (the anchor, see :func:`kernels.flash_attention._attend_keys`): no
+    row max, no rescaling; returns (p, l)."""
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+    return p, l_i + gl.sum(p, axis=1)
+
+
+@gluon.jit
 def _kv_step(j, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar, kv_desc, n_full, base, k_col, v_col,
              BLOCK_M: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, mma_s: gl.constexpr,
-             p_layout: gl.constexpr, rows_of: gl.constexpr):
+             p_layout: gl.constexpr, rows_of: gl.constexpr, ANCHORED: gl.constexpr):
     """Main-loop iteration j (block j + 1 exists): issue S_{j+1} = Q K_{j+1}^T, run the softmax of
     S_j (``s``) while it and P_{j-1} V_{j-1} (``acc``, in flight) run, retire both, refill block
-    j - 1's slot, issue P_j V_j. Returns (S_{j+1}, acc in flight, m, l)."""
+    j - 1's slot, issue P_j V_j. ANCHORED: keep m (no max, no rescaling). Returns (S_{j+1}, acc in
+    flight, m, l)."""
     nxt = (j + 1) % STAGES
     mbarrier.wait(kv_bar.index(nxt), ((j + 1) // STAGES) & 1)
     s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)),
                            gl.zeros([BLOCK_M, BN], gl.float32, layout=mma_s), use_acc=False, is_async=True)
-    p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale)
+    if ANCHORED:
+        p, l_i = _softmax_anchored(s, m_i, l_i, qk_scale)
+    else:
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale)
     # Retire both groups with one wait_group 0. (Waiting for only the older one, wait_group 1,
     # made ptxas serialize every wgmma of the kernel: it could not tell which group a
     # wait_group 1 at the loop's end leaves in flight.)
@@ -94,23 +106,108 @@ def _kv_step(j, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar, kv_d
                                     pred=ok)
     tma.async_copy_global_to_shared(kv_desc, [base + refill * BN, v_col], kv_bar.index(slot), v_smem.index(slot),
                                     pred=ok)
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_of), 1)
+    if not ANCHORED:
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_of), 1)
     acc = warpgroup_mma(gl.convert_layout(p.to(q_smem.dtype), p_layout), v_smem.index(j % STAGES), acc,
                         is_async=True)  # in flight into the next iteration's softmax
     return s_next, acc, m_i, l_i
 
 
+@gluon.jit
+def _attend_keys(q_smem, k_smem, v_smem, kv_bar, kv_desc, qkv_ptr, qk_scale, N, H, base, k_col, v_col,
+                 BLOCK_M: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr,
+                 ANCHORED: gl.constexpr, mma: gl.constexpr, mma_s: gl.constexpr, p_layout: gl.constexpr,
+                 rows_of: gl.constexpr, rows_s: gl.constexpr, ld: gl.constexpr):
+    """(acc [BLOCK_M, 64] fp32, l [BLOCK_M]) of the query tile in ``q_smem`` over all N keys of
+    its (batch, head): the N // BN full key blocks through the pipelined loop (TMA into the STAGES
+    slots of k_smem / v_smem, barriers ``kv_bar`` fresh: block i's phase is (i // STAGES) & 1),
+    then the ragged rest through slot 0 with masked loads (zeros past N), an online step.
+    ANCHORED: the row max of the first full block is the anchor m, kept for every full block (see
+    :func:`kernels.flash_attention._attend_keys`); the caller redoes overflowed programs."""
+    D: gl.constexpr = _D
+    dtype: gl.constexpr = kv_desc.dtype
+    n_full = N // BN
+    for i in gl.static_range(STAGES):
+        ok = i < n_full
+        mbarrier.expect(kv_bar.index(i), 2 * kv_desc.block_type.nbytes, pred=ok)
+        tma.async_copy_global_to_shared(kv_desc, [base + i * BN, k_col], kv_bar.index(i), k_smem.index(i), pred=ok)
+        tma.async_copy_global_to_shared(kv_desc, [base + i * BN, v_col], kv_bar.index(i), v_smem.index(i), pred=ok)
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=mma)
+    if n_full > 0:
+        mbarrier.wait(kv_bar.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BN], gl.float32, layout=mma_s),
+                          use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        if ANCHORED:
+            m_i = gl.max(s, axis=1) * qk_scale
+        acc = warpgroup_mma_init(acc)  # loop-carried as an in-flight accumulator
+        if UNROLL == 2:
+            for jj in range(0, (n_full - 1) // 2):
+                s, acc, m_i, l_i = _kv_step(2 * jj, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar,
+                                            kv_desc, n_full, base, k_col, v_col, BLOCK_M, BN, STAGES, mma_s,
+                                            p_layout, rows_of, ANCHORED)
+                s, acc, m_i, l_i = _kv_step(2 * jj + 1, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar,
+                                            kv_desc, n_full, base, k_col, v_col, BLOCK_M, BN, STAGES, mma_s,
+                                            p_layout, rows_of, ANCHORED)
+            if (n_full - 1) % 2 == 1:
+                s, acc, m_i, l_i = _kv_step(n_full - 2, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar,
+                                            kv_desc, n_full, base, k_col, v_col, BLOCK_M, BN, STAGES, mma_s,
+                                            p_layout, rows_of, ANCHORED)
+        else:
+            for j in range(0, n_full - 1):
+                s, acc, m_i, l_i = _kv_step(j, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar, kv_desc,
+                                            n_full, base, k_col, v_col, BLOCK_M, BN, STAGES, mma_s, p_layout, rows_of,
+                                            ANCHORED)
+        last = n_full - 1
+        if ANCHORED:
+            p, l_i = _softmax_anchored(s, m_i, l_i, qk_scale)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+        else:
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_of), 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
+                            is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+
+    n_main = n_full * BN
+    if n_main < N:  # ragged last key block through slot 0 (every load above has landed, every product retired)
+        gl.thread_barrier()  # no warp of the group still reads slot 0
+        t_rows = n_main + gl.arange(0, BN, layout=gl.SliceLayout(1, ld))
+        t_cols = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+        offs = gl.expand_dims((base + t_rows).to(gl.int64) * (3 * H * D), 1) + gl.expand_dims(t_cols, 0)
+        live = gl.expand_dims(t_rows < N, 1)
+        k_smem.index(0).store(gl.load(qkv_ptr + offs + k_col, mask=live, other=0.0))
+        v_smem.index(0).store(gl.load(qkv_ptr + offs + v_col, mask=live, other=0.0))
+        fence_async_shared()
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
+                          gl.zeros([BLOCK_M, BN], gl.float32, layout=mma_s), use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        key = n_main + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
+        s = gl.where(gl.expand_dims(key < N, 0), s, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_of), 1)
+        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(0), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+    return acc, l_i
+
+
 @gluon.jit(do_not_specialize=["N", "H"])
 def _attn_fwd_overlap(q_desc, kv_desc, qkv_ptr, out_ptr, qk_scale, N, H,
                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, UNROLL: gl.constexpr,
-                      num_warps: gl.constexpr):
+                      ANCHORED: gl.constexpr, num_warps: gl.constexpr):
     """out[b, rows, h*64:(h+1)*64] for the BLOCK_M query rows of program (b, h, pid_m) (numbered
     head by head, as in :func:`kernels.flash_attention._attn_fwd`). q_desc / kv_desc: TMA
     descriptors over qkv as [B*N, 3*H*64] with boxes [BLOCK_M, 64] / [BLOCK_N, 64]; qkv_ptr the same matrix; out_ptr
     [B*N, H*64]. BLOCK_M = 16 * num_warps (each warpgroup owns 64 rows). K/V blocks cycle through
     STAGES >= 3 shared-memory slots (slot of block i: i % STAGES, barrier phase (i // STAGES) & 1).
     UNROLL 2: two steps per loop iteration, so the scores of consecutive blocks alternate between
-    two register sets instead of being copied back into one at every iteration."""
+    two register sets instead of being copied back into one at every iteration. ANCHORED: the
+    softmax anchored at the first key block's row max; programs where that overflowed (any of
+    their rows < N with a non-finite l or acc) run again with the running max."""
     D: gl.constexpr = _D
     BN: gl.constexpr = BLOCK_N
     gl.static_assert(STAGES >= 3, "slot of block j - 1 is refilled while block j + 1 is read")
@@ -145,71 +242,27 @@ def _attn_fwd_overlap(q_desc, kv_desc, qkv_ptr, out_ptr, qk_scale, N, H,
     mbarrier.init(q_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(kv_bar.index(i), count=1)
-
-    n_full = N // BN
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [base + row0, q_col], q_bar, q_smem)
-    for i in gl.static_range(STAGES):
-        ok = i < n_full
-        mbarrier.expect(kv_bar.index(i), 2 * kv_desc.block_type.nbytes, pred=ok)
-        tma.async_copy_global_to_shared(kv_desc, [base + i * BN, k_col], kv_bar.index(i), k_smem.index(i), pred=ok)
-        tma.async_copy_global_to_shared(kv_desc, [base + i * BN, v_col], kv_bar.index(i), v_smem.index(i), pred=ok)
-
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
-    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=mma)
     mbarrier.wait(q_bar, 0)
 
-    if n_full > 0:
-        mbarrier.wait(kv_bar.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BN], gl.float32, layout=mma_s),
-                          use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        acc = warpgroup_mma_init(acc)  # loop-carried as an in-flight accumulator
-        if UNROLL == 2:
-            for jj in range(0, (n_full - 1) // 2):
-                s, acc, m_i, l_i = _kv_step(2 * jj, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar,
-                                            kv_desc, n_full, base, k_col, v_col, BLOCK_M, BN, STAGES, mma_s,
-                                            p_layout, rows_of)
-                s, acc, m_i, l_i = _kv_step(2 * jj + 1, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar,
-                                            kv_desc, n_full, base, k_col, v_col, BLOCK_M, BN, STAGES, mma_s,
-                                            p_layout, rows_of)
-            if (n_full - 1) % 2 == 1:
-                s, acc, m_i, l_i = _kv_step(n_full - 2, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar,
-                                            kv_desc, n_full, base, k_col, v_col, BLOCK_M, BN, STAGES, mma_s,
-                                            p_layout, rows_of)
-        else:
-            for j in range(0, n_full - 1):
-                s, acc, m_i, l_i = _kv_step(j, s, acc, m_i, l_i, qk_scale, q_smem, k_smem, v_smem, kv_bar, kv_desc,
-                                            n_full, base, k_col, v_col, BLOCK_M, BN, STAGES, mma_s, p_layout, rows_of)
-        last = n_full - 1
-        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_of), 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
-                            is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-
-    n_main = n_full * BN
-    if n_main < N:  # ragged last key block: masked loads, zeros past N
-        k_tail = gl.allocate_shared_memory(dtype, [BN, D], kv_desc.layout)
-        v_tail = gl.allocate_shared_memory(dtype, [BN, D], kv_desc.layout)
-        t_rows = n_main + gl.arange(0, BN, layout=gl.SliceLayout(1, ld))
-        t_cols = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
-        offs = gl.expand_dims((base + t_rows).to(gl.int64) * (3 * H * D), 1) + gl.expand_dims(t_cols, 0)
-        live = gl.expand_dims(t_rows < N, 1)
-        k_tail.store(gl.load(qkv_ptr + offs + k_col, mask=live, other=0.0))
-        v_tail.store(gl.load(qkv_ptr + offs + v_col, mask=live, other=0.0))
-        fence_async_shared()
-        s = warpgroup_mma(q_smem, k_tail.permute((1, 0)), gl.zeros([BLOCK_M, BN], gl.float32, layout=mma_s),
-                          use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        key = n_main + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
-        s = gl.where(gl.expand_dims(key < N, 0), s, float("-inf"))
-        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_of), 1)
-        acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_tail, acc, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
+    acc, l_i = _attend_keys(q_smem, k_smem, v_smem, kv_bar, kv_desc, qkv_ptr, qk_scale, N, H, base, k_col, v_col,
+                            BLOCK_M, BN, STAGES, UNROLL, ANCHORED, mma, mma_s, p_layout, rows_of, rows_s, ld)
+    if ANCHORED:
+        rows_l = row0 + gl.arange(0, BLOCK_M, layout=rows_s)
+        bad_l = gl.sum(((rows_l < N) & ~(l_i < float("inf"))).to(gl.int32), axis=0)
+        rows_a = row0 + gl.arange(0, BLOCK_M, layout=rows_of)
+        acc_bad = gl.sum((~(gl.abs(acc) < float("inf"))).to(gl.int32), axis=1)
+        bad_acc = gl.sum(gl.where(rows_a < N, acc_bad, 0), axis=0)
+        if bad_l + bad_acc > 0:  # a key scored far above the anchor (or NaN inputs): the running max
+            redo_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(redo_bar.index(i), count=1)
+            acc, l_i = _attend_keys(q_smem, k_smem, v_smem, redo_bar, kv_desc, qkv_ptr, qk_scale, N, H, base, k_col,
+                                    v_col, BLOCK_M, BN, STAGES, UNROLL, False, mma, mma_s, p_layout, rows_of, rows_s,
+                                    ld)
+            for i in gl.static_range(STAGES):
+                mbarrier.invalidate(redo_bar.index(i))
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
@@ -228,7 +281,7 @@ def supports(qkv: torch.Tensor) -> bool:
 
 
 def kernel_args(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, sm_scale: Optional[float] = None,
-                unroll: int = 2) -> tuple[tuple, dict, tuple]:
+                unroll: int = 2, anchored: bool = False) -> tuple[tuple, dict, tuple]:
     """Positional arguments, compile-time arguments and grid of one launch for ``qkv``
     [B, N, 3, H, 64] (contiguous, fp16/bf16) into ``out`` [B, N, H*64] (contiguous)."""
     B, N, _, H, D = qkv.shape
@@ -247,14 +300,14 @@ def kernel_args(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, sm_scale:
                                gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], gdt))
     qk_scale = (D ** -0.5 if sm_scale is None else sm_scale) * LOG2E
     args = (q_desc, kv_desc, mat, out, qk_scale, N, H)
-    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages, UNROLL=unroll,
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages, UNROLL=unroll, ANCHORED=anchored,
                 num_warps=cfg.num_warps)
     return args, meta, (triton.cdiv(N, cfg.block_m) * B * H,)
 
 
 def launch(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, sm_scale: Optional[float] = None,
-           unroll: int = 2) -> None:
+           unroll: int = 2, anchored: bool = False) -> None:
     """One launch with the fixed configuration ``cfg`` on the current device (shapes, dtypes and
     devices are checked by the caller, :func:`kernels.flash_attention.flash_attention`)."""
-    args, meta, grid = kernel_args(qkv, out, cfg, sm_scale, unroll)
+    args, meta, grid = kernel_args(qkv, out, cfg, sm_scale, unroll, anchored)
     _attn_fwd_overlap[grid](*args, **meta)

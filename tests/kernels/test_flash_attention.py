@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from helpers import KERNEL_TOL, assert_close, poison_, requires_cuda, requires_triton
-from brainjepa_kernels.flash_attention import (DEFAULT_VARIANTS, HEAD_DIM, INTERPRET_CONFIG, VARIANTS, AttnConfig,
-                                     attention_reference, candidates, flash_attention)
+from brainjepa_kernels.flash_attention import (DEFAULT_VARIANTS, HEAD_DIM, INTERPRET_CONFIG, LOG2E, VARIANTS,
+                                               AttnConfig, attention_reference, candidates, flash_attention)
 
 pytestmark = requires_triton
 
@@ -76,6 +76,28 @@ def test_growing_scores_rescale(variant):
     qkv = random_qkv(1, N, 2, torch.float32, seed=5)
     qkv[:, :, 1] *= torch.linspace(0.2, 6.0, N, device=qkv.device).view(1, N, 1, 1)
     assert_close(run(qkv, variant), attention_reference(qkv), tol(torch.float32), variant)
+
+
+ANCHORED = [name for name, spec in VARIANTS.items() if spec.anchored]
+
+
+@pytest.mark.parametrize("variant", ANCHORED)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_anchored_redo_after_overflow(variant, dtype):
+    """One late key scores so far above the first key block that the anchored pass overflows
+    (p beyond fp16's or fp32's range in some rows, checked here on the fp32 scores): those
+    programs must redo the rows with the running max and still match the reference."""
+    B, N, H = 1, 77, 2
+    qkv = random_qkv(B, N, H, dtype, seed=19)
+    qkv[:, 60, 1] *= 40.0 if dtype == torch.float16 else 400.0
+    q, k = qkv.float()[0, :, 0], qkv.float()[0, :, 1]  # [N, H, 64]
+    s = torch.einsum("nhd,mhd->hnm", q, k) * HEAD_DIM ** -0.5 * LOG2E
+    block = INTERPRET_CONFIG.block_n if DEVICE == "cpu" else 128
+    excess = (s.amax(-1) - s[..., :block].amax(-1)).max().item()
+    assert excess > (16 if dtype == torch.float16 else 128), f"the input must overflow the anchor ({excess:.0f})"
+    out = run(qkv, variant)
+    assert torch.isfinite(out).all(), f"{variant}: overflow not redone"
+    assert_close(out, attention_reference(qkv), tol(dtype), variant)
 
 
 def test_default_variant_and_scale():

@@ -20,8 +20,9 @@ import torch
 
 from helpers import assert_close, requires_hopper, requires_triton
 from test_flash_attention import DEFAULT_VARIANTS, random_qkv, run, tol
-from brainjepa_kernels.flash_attention import (HEAD_DIM, OVERLAP, VARIANTS, AttnConfig, attention_reference,
-                                               candidates, flash_attention, overlap_supports)
+from brainjepa_kernels.flash_attention import (DEFAULT_GLUON_VARIANTS, GLUON_VARIANTS, HEAD_DIM, LOG2E,
+                                               OVERLAP_ANCHORED, VARIANTS, AttnConfig, attention_reference, candidates,
+                                               flash_attention, overlap_supports)
 
 pytestmark = requires_triton
 
@@ -33,34 +34,41 @@ def test_compiles_for_hopper_with_scores_in_flight_during_the_softmax():
     give; and ptxas kept it: at most one SASS wait for each group of four wgmma, not one after every
     wgmma (the serialization of its message C7514, which the first version of the kernel met)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "bench.gluon_attention_lab", "--compile-only", "--configs", "64x128x3u2"]
+    cmd = [sys.executable, "-m", "bench.gluon_attention_lab", "--compile-only", "--configs", "64x128x3u2",
+           "64x128x3u2a"]
     proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert row["stack"] == 0, row
-    step = "mmax4 commit ex2x66 wait0 mmax8 commit"
-    assert f"{step} mbar.wait {step}" in row["sequence"], row
-    assert row["depbar"] * 4 <= row["hgmma"], row
+    online, anchored = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    # Per step 64 exponentials a thread (a 64 x 128 block over 128 threads), plus the two of the
+    # rescale factors where the max runs (the anchored main loop has none).
+    for row, exps in ((online, 66), (anchored, 64)):
+        assert row["stack"] == 0, row
+        step = f"mmax4 commit ex2x{exps} wait0 mmax8 commit"
+        assert f"{step} mbar.wait {step}" in row["sequence"], row
+        assert row["depbar"] * 4 <= row["hgmma"], row
 
 
 def test_offered_where_it_can_run():
     """``overlap=True`` (the caller saw :func:`overlap_supports`) adds the kernel's configurations
-    after the default variants'; ``variant="overlap"`` gives only those; explicit ``configs`` leave
-    it out of the default; off an sm_90 GPU it is not supported and forcing it is an error."""
+    under each default Gluon variant after the default variants'; ``variant="overlap"`` (or
+    ``"overlap_anchored"``) gives only its own; explicit ``configs`` leave them out of the
+    default; off an sm_90 GPU they are not supported and forcing one is an error."""
     from brainjepa_kernels.flash_attention_hopper import CONFIGS
-    overlap_pairs = tuple((OVERLAP, cfg) for cfg in CONFIGS)
-    assert candidates(torch.bfloat16, OVERLAP) == overlap_pairs
+    for name in GLUON_VARIANTS:
+        assert candidates(torch.bfloat16, name) == tuple((name, cfg) for cfg in CONFIGS)
     cfg = AttnConfig(64, 64, 4, 3)
     assert candidates(torch.bfloat16, configs=[cfg], overlap=True) == tuple((n, cfg) for n in DEFAULT_VARIANTS)
     if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") == "1":
         default = candidates(torch.bfloat16)
-        assert candidates(torch.bfloat16, overlap=True) == default + overlap_pairs
+        gluon_pairs = tuple((name, cfg) for name in DEFAULT_GLUON_VARIANTS for cfg in CONFIGS)
+        assert candidates(torch.bfloat16, overlap=True) == default + gluon_pairs
     qkv = random_qkv(1, 8, 1, torch.float32)
     assert not overlap_supports(qkv)
-    with pytest.raises(ValueError, match=OVERLAP):
-        flash_attention(qkv, variant=OVERLAP)
-    assert OVERLAP not in VARIANTS  # the interpreter tests parametrized over VARIANTS never see it
+    for name in GLUON_VARIANTS:
+        with pytest.raises(ValueError, match=name):
+            flash_attention(qkv, variant=name)
+        assert name not in VARIANTS  # the interpreter tests parametrized over VARIANTS never see it
 
 
 def test_rejects_configurations_it_cannot_run():
@@ -84,32 +92,55 @@ GPU_DTYPES = (torch.bfloat16, torch.float16)
 
 @pytest.mark.gpu
 @requires_hopper
+@pytest.mark.parametrize("variant", list(GLUON_VARIANTS))
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("B, N, H", [(2, 1, 12), (2, 77, 12), (2, 300, 12), (1, 384, 3), (2, 4500, 12),
                                      (1, 13500, 2)])
-def test_gpu_matches_reference(dtype, B, N, H):
+def test_gpu_matches_reference(variant, dtype, B, N, H):
     """N = 1 and 77: the masked tail only; 300: one main-loop step (odd) and a tail; 384: two
     steps (one unrolled pair), no tail; 4500 and 13500: the encoder's scans."""
     qkv = random_qkv(B, N, H, dtype, device="cuda", seed=N)
-    assert_close(run(qkv, OVERLAP), attention_reference(qkv), tol(dtype, "cuda"), f"overlap {dtype} N={N}")
+    assert_close(run(qkv, variant), attention_reference(qkv), tol(dtype, "cuda"), f"{variant} {dtype} N={N}")
 
 
 @pytest.mark.gpu
 @requires_hopper
-def test_gpu_growing_scores_and_scale():
+@pytest.mark.parametrize("variant", list(GLUON_VARIANTS))
+def test_gpu_growing_scores_and_scale(variant):
     """Key magnitudes ramping up along the sequence (the running max jumps at every block: each
-    rescale of acc and l must hold), with a softmax scale other than 1/8."""
+    rescale of acc and l must hold; anchored: p grows far above 1), with a softmax scale other
+    than 1/8."""
     N = 1000
     qkv = random_qkv(1, N, 2, torch.float16, device="cuda", seed=5)
     qkv[:, :, 1] *= torch.linspace(0.2, 3.0, N, device="cuda").view(1, N, 1, 1).to(torch.float16)
-    out = flash_attention(qkv, variant=OVERLAP, sm_scale=0.2)
-    assert_close(out, attention_reference(qkv, sm_scale=0.2), tol(torch.float16, "cuda"), "overlap ramp")
+    out = flash_attention(qkv, variant=variant, sm_scale=0.2)
+    assert_close(out, attention_reference(qkv, sm_scale=0.2), tol(torch.float16, "cuda"), f"{variant} ramp")
+
+
+@pytest.mark.gpu
+@requires_hopper
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("N", [300, 4500])
+def test_gpu_anchored_redo_after_overflow(dtype, N):
+    """One late key scores so far above the first key block (checked on the fp32 scores) that the
+    anchored pass overflows in some rows: those programs must run again with the running max."""
+    B, H = 1, 2
+    qkv = random_qkv(B, N, H, dtype, device="cuda", seed=23)
+    qkv[:, N - 40, 1] *= 40.0 if dtype == torch.float16 else 400.0
+    q, k = qkv.float()[0, :, 0], qkv.float()[0, :, 1]
+    s = torch.einsum("nhd,mhd->hnm", q, k) * HEAD_DIM ** -0.5 * LOG2E
+    excess = (s.amax(-1) - s[..., :128].amax(-1)).max().item()
+    assert excess > (16 if dtype == torch.float16 else 128), f"the input must overflow the anchor ({excess:.0f})"
+    out = run(qkv, OVERLAP_ANCHORED)
+    assert torch.isfinite(out).all(), "overflow not redone"
+    assert_close(out, attention_reference(qkv), tol(dtype, "cuda"), f"anchored redo {dtype} N={N}")
 
 
 @pytest.mark.gpu
 @requires_hopper
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_gpu_other_batches_and_heads_never_leak():
+@pytest.mark.parametrize("variant", list(GLUON_VARIANTS))
+def test_gpu_other_batches_and_heads_never_leak(variant):
     """NaN in batch 1 and in head 1 of batch 0: batch 0 head 0 stays exact, so neither its query
     tile (whose rows past N are batch 1's), nor its key blocks, nor its masked tail read another
     batch's keys or another head's columns; NaN in batch 0 leaves the last batch, whose tiles run
@@ -121,11 +152,11 @@ def test_gpu_other_batches_and_heads_never_leak():
     leaky = qkv.clone()
     leaky[1] = float("nan")
     leaky[0, :, :, 1] = float("nan")
-    out = run(leaky, OVERLAP)
+    out = run(leaky, variant)
     assert_close(out[:1, :, :HEAD_DIM], ref0, tol(torch.float16, "cuda"), "batch 0 head 0")
     leaky = qkv.clone()
     leaky[0] = float("nan")
-    assert_close(run(leaky, OVERLAP)[1:], ref1, tol(torch.float16, "cuda"), "last batch")
+    assert_close(run(leaky, variant)[1:], ref1, tol(torch.float16, "cuda"), "last batch")
 
 
 @pytest.mark.gpu
@@ -137,6 +168,7 @@ def test_gpu_strided_qkv_falls_back():
     buf = torch.randn(B, N, 3 * H * HEAD_DIM + 64, device="cuda", dtype=torch.bfloat16)
     qkv = buf[..., :3 * H * HEAD_DIM].view(B, N, 3, H, HEAD_DIM)
     assert not overlap_supports(qkv)
-    with pytest.raises(ValueError, match=OVERLAP):
-        flash_attention(qkv, variant=OVERLAP)
+    for name in GLUON_VARIANTS:
+        with pytest.raises(ValueError, match=name):
+            flash_attention(qkv, variant=name)
     assert_close(run(qkv, None), attention_reference(qkv), tol(torch.bfloat16, "cuda"), "strided default")
