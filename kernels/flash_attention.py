@@ -26,7 +26,18 @@ max m, row sum l, unnormalised output acc), never materialising N x N. Numerics:
 * the N % BLOCK_N ragged keys are handled by one masked step after the main loop, so the main
   loop has no masks; query rows past N are computed from zeros and never stored. Rows past N
   are never read from another batch: masked pointer loads, or TMA boxes that the descriptor's
-  per-batch shape zero-fills.
+  per-batch shape zero-fills;
+* anchored softmax (variants ``*_anchored``, :func:`_attend_keys`): the online softmax needs m
+  only to keep exp2 in range, not to be the exact running max. Any state with
+  ``l = sum exp2(s c - m)`` and ``acc = sum exp2(s c - m) v`` is valid, and the final
+  ``acc / l`` does not depend on m. So m is set once, to the row max of the first key block
+  (the anchor), and kept: per score there is no max, and per block no rescale of acc and l,
+  about a fifth of the loop's instructions. A later key may score above the anchor: p > 1 is
+  exact in floating point up to p ~ 2**127 (fp32 arithmetic, bf16 p) or 65504 (fp16 p). A
+  program whose rows overflow (non-finite l or acc: a key more than ~88 nats above the
+  anchor's best, or ~11 nats in fp16) runs again with the running max, so results are never
+  worse than the online softmax's, only slower on such rows. p never drops below the online
+  version's relative precision: the row max of p is >= 1 instead of = 1.
 
 Performance model (H100, bf16, D = 64): per (query, key) pair the two products cost as much
 tensor-core time as one MUFU ``ex2`` costs, and the ~7 other instructions per score (FFMA, max,
@@ -46,10 +57,15 @@ Variants (:data:`VARIANTS`) switch the compile-time options of the one kernel, :
   :mod:`kernels.flash_attention_hopper`, which keeps the next block's ``q k^T`` on the tensor
   cores during this block's softmax; sm_90 GPUs, fp16/bf16, contiguous ``qkv`` only.
 
-By default :func:`flash_attention` tunes over the configurations of both ``"tma"`` and
-``"pingpong"`` (:data:`DEFAULT_VARIANTS`), plus ``"overlap"`` where it can run, and keeps the
-fastest per shape: on an H100 (bf16) it has picked ``tma`` for one scan (B=1, few tiles) and
-``pingpong`` 64x64 for a batch of 8 (before ``"overlap"`` existed).
+* ``"overlap_anchored"`` (:data:`OVERLAP_ANCHORED`): the Gluon kernel with the anchored softmax.
+
+By default :func:`flash_attention` tunes over the configurations of ``"pingpong"``,
+``"pingpong_anchored"`` and ``"tma_anchored"`` (:data:`DEFAULT_VARIANTS`), plus both Gluon
+variants where they can run, and keeps the fastest per shape, timed on the first call's own
+inputs (so inputs that overflow the anchor steer it to an online variant). On an H100 (bf16,
+2026-11-27) it picked ``tma_anchored`` 128x64 for a batch of 8 scans (482 TFLOP/s in the lab
+against 454 for ``pingpong``, the pick before) and ``tma_anchored`` 64x128 or
+``overlap_anchored`` for one scan.
 
 Head dimension 64 (every Brain-JEPA variant); any H, B, N >= 1.
 """

@@ -36,7 +36,9 @@ are computed and not stored. One warpgroup (4 warps, 64 query rows) per program 
 Measured (H100 80GB HBM3, bf16, TFLOP/s, CUDA-graph replay, 2026-11-27, ``bench/gluon_attention_lab``):
 [8, 4500, 3, 12, 64] 428.8 against 428.3 for the tuned Triton kernel, [1, 4500, ...] 390.8 against
 377-380, [1, 13500, 3, 12, 64] 432.6 against 429-431, [2, 777, ...] 197 against 242 (few key blocks:
-the prologue and tail weigh more).
+the prologue and tail weigh more). With the anchored softmax (variant ``"overlap_anchored"``,
+session 6, same card): 439.0 at B=8 (420.6 online), 416.0 at B=1 (395.2 online); the Triton
+``tma_anchored`` 128x64 reached 482.6 at B=8 in the same session's lab (``do_bench``).
 """
 from __future__ import annotations
 
