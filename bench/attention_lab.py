@@ -51,7 +51,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def short(cfg: AttnConfig) -> str:
-    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+    regs = f" r{cfg.maxnreg}" if cfg.maxnreg else ""
+    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{regs}"
 
 
 def tflops(B: int, N: int, ms: float) -> float:
@@ -68,11 +69,13 @@ EXTRA_CONFIGS: dict[str, tuple[AttnConfig, ...]] = {}
 
 
 def parse_extra(spec: str) -> tuple[str, AttnConfig]:
-    """``"tma:64x128w4s2"`` -> ("tma", AttnConfig(64, 128, 4, 2))."""
-    found = re.fullmatch(r"(\w+):(\d+)x(\d+)w(\d+)s(\d+)", spec)
+    """``"tma:64x128w4s2"`` -> ("tma", AttnConfig(64, 128, 4, 2)); a suffix ``r168`` caps the
+    registers per thread (``maxnreg``)."""
+    found = re.fullmatch(r"(\w+):(\d+)x(\d+)w(\d+)s(\d+)(?:r(\d+))?", spec)
     if not found or found.group(1) not in VARIANTS:
-        raise argparse.ArgumentTypeError(f"expected VARIANT:BMxBNwWARPSsSTAGES (e.g. tma:64x128w4s2), got {spec!r}")
-    return found.group(1), AttnConfig(*(int(g) for g in found.groups()[1:]))
+        raise argparse.ArgumentTypeError(f"expected VARIANT:BMxBNwWARPSsSTAGES[rMAXNREG] (e.g. tma:64x128w4s2), "
+                                         f"got {spec!r}")
+    return found.group(1), AttnConfig(*(int(g) if g else None for g in found.groups()[1:]))
 
 
 def configs_of(variant: str, dtype: torch.dtype) -> tuple[AttnConfig, ...]:

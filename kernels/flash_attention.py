@@ -273,12 +273,15 @@ def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
 @dataclass(frozen=True)
 class AttnConfig:
     """Launch shape: ``block_m`` query rows per sub-tile (a program owns ``split * block_m``),
-    ``block_n`` keys per step, ``num_warps``, ``num_stages`` (K/V buffers in flight)."""
+    ``block_n`` keys per step, ``num_warps``, ``num_stages`` (K/V buffers in flight), and
+    ``maxnreg``: a cap on registers per thread (None: the compiler's choice), so that one more
+    program fits on an SM (Triton kernels only; ignored by the interpreter)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    maxnreg: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -442,6 +445,8 @@ def kernel_args(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, variant: 
     args = (q_src, kv_src, o_dst, qk_scale, N, H, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1))
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **spec.meta(), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
+    if cfg.maxnreg is not None and not INTERPRET:
+        meta["maxnreg"] = cfg.maxnreg
     return args, meta
 
 
