@@ -331,15 +331,18 @@ VARIANTS: dict[str, Variant] = {
                         configs_fp32=(AttnConfig(64, 32, 4, 2),)),
     # The same two with the softmax anchored at the first key block's row max (_attend_keys):
     # no row max and no rescaling per block after the first; redone with the running max where
-    # a later key overflowed. H100 lab of 2026-11-27 (session 6, do_bench), B=8 | B=1: tma
-    # 128x64 w8 s3 482.6 | 399.3, 128x64 w8 s4 475.8 | 387.7, 64x128 w4 s3 461.5 | 398.7, 64x64
-    # w4 s3 459.4 | 398.4, 64x128 w4 s2 456.9 | 362.4; 128x128 w8 s2/s3, 128x64 w8 s2 and 128x32
-    # w8 s4 282-408, dropped. pingpong 64x64 w4 s3 463.7 | 373.3 (s4 459.2; 64x128 w4 s2 437.2
-    # and 128x64 w8 s3 377.1, dropped). Plain pingpong in the same run: 454.4 | 315.3.
-    "tma_anchored": Variant("tma", 1, configs=(AttnConfig(128, 64, 8, 3), AttnConfig(64, 128, 4, 3),
-                                               AttnConfig(64, 64, 4, 3), AttnConfig(64, 128, 4, 2)),
+    # a later key overflowed. H100 labs of 2026-11-27 (session 6, do_bench), B=8 | B=1: tma
+    # 128x64 w8 s3 482.6-491.3 | 397.5-399.3, 128x64 w4 s3 494.1 | 388.6, 64x128 w4 s3
+    # 455.9-461.5 | 398.7-403.7, 64x128 w4 s2 456.9-459.3 | 362.4-365.9, 64x64 w4 s3 459.4-461.2 |
+    # 394.2-398.4 (dropped: never best); 128x64 w8 s4 475.8 | 387.7; 128x128 w8 s2/s3, 128x64 w8 s2,
+    # 128x32 w8 s4 and 256x64 w16 s3 282-408, dropped. pingpong 64x64 w4 s3 460.5-463.7 | 373-374
+    # at 177 registers (two programs per SM), 493.8 | 364.2 capped at 168 (three per SM, no
+    # spills), kept capped (64x128 w4 s2 437.2 and 128x64 w8 s3 377.1 dropped). Plain pingpong:
+    # 454.4 | 315.3.
+    "tma_anchored": Variant("tma", 1, configs=(AttnConfig(128, 64, 8, 3), AttnConfig(128, 64, 4, 3),
+                                               AttnConfig(64, 128, 4, 3), AttnConfig(64, 128, 4, 2)),
                             configs_fp32=(AttnConfig(128, 64, 8, 2), AttnConfig(64, 64, 4, 2)), anchored=True),
-    "pingpong_anchored": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3),),
+    "pingpong_anchored": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3, maxnreg=168),),
                                  configs_fp32=(AttnConfig(64, 32, 4, 2),), anchored=True),
 }
 
