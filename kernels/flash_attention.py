@@ -63,9 +63,9 @@ By default :func:`flash_attention` tunes over the configurations of ``"pingpong"
 ``"pingpong_anchored"`` and ``"tma_anchored"`` (:data:`DEFAULT_VARIANTS`), plus both Gluon
 variants where they can run, and keeps the fastest per shape, timed on the first call's own
 inputs (so inputs that overflow the anchor steer it to an online variant). On an H100 (bf16,
-2026-11-27) it picked ``tma_anchored`` 128x64 for a batch of 8 scans (482 TFLOP/s in the lab
-against 454 for ``pingpong``, the pick before) and ``tma_anchored`` 64x128 or
-``overlap_anchored`` for one scan.
+2026-11-27) it picked ``pingpong_anchored`` (capped at 168 registers; 494 TFLOP/s in the lab)
+for a batch of 8 scans, where ``pingpong`` (454) was the pick before, and ``tma_anchored``
+(64x128 or 128x64) for one scan.
 
 Head dimension 64 (every Brain-JEPA variant); any H, B, N >= 1.
 """
@@ -160,7 +160,8 @@ def _attend(q, k_t, v, m_i, l_i, acc, qk_scale, start, N, MASKED: tl.constexpr, 
 def _attend_keys(q0, q1, kv_in, b, k_col, v_col, qk_scale, N, stride_n,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr,
                  ANCHORED: tl.constexpr):
-    """Attention state (m, l, acc) of query tiles q0 (and q1 if SPLIT == 2) over all N keys.
+    """(l0, acc0, l1, acc1): the row sums and unnormalised outputs of query tiles q0 and q1 (q1
+    only if SPLIT == 2, else unused) over all N keys; out = acc / l.
 
     Keys [0, n_main) in the pipelined loop, unmasked, then the ragged rest in one masked step.
     ANCHORED: the first full key block runs an ordinary online step from m = -inf, which sets m to
@@ -477,9 +478,10 @@ def flash_attention(qkv: torch.Tensor, out: Optional[torch.Tensor] = None, sm_sc
     out: [B, N, H*64] contiguous, qkv's dtype, not overlapping qkv; allocated when None.
     sm_scale: default 64**-0.5. variant: a key of :data:`VARIANTS` or :data:`GLUON_VARIANTS` to
     force one variant (default: tune over the union of :data:`DEFAULT_VARIANTS`' configurations
-    and, where :func:`overlap_supports` holds, those of :data:`DEFAULT_GLUON_VARIANTS`). configs: launch shapes to tune over instead
-    of the variants' own (see :func:`candidates`); the fastest (variant, configuration) pair is
-    picked on first use of each (B, N, H, dtype). Returns ``out``.
+    and, where :func:`overlap_supports` holds, those of :data:`DEFAULT_GLUON_VARIANTS`).
+    configs: launch shapes to tune over instead of the variants' own (see :func:`candidates`);
+    the fastest (variant, configuration) pair is picked on first use of each (B, N, H, dtype).
+    Returns ``out``.
     """
     B, N, H = _check_qkv(qkv)
     overlap = overlap_supports(qkv)

@@ -166,10 +166,10 @@ def _attend_keys(q_smem, k_smem, v_smem, kv_bar, kv_desc, qkv_ptr, qk_scale, N, 
         last = n_full - 1
         if ANCHORED:
             p, l_i = _softmax_anchored(s, m_i, l_i, qk_scale)
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
         else:
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, qk_scale)
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        if not ANCHORED:
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_of), 1)
         acc = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_smem.index(last % STAGES), acc,
                             is_async=True)
