@@ -6,6 +6,8 @@
 # linear-bf16 / gluon (kernel labs), gluon-anchored / attention-anchored (the anchored softmax
 # against the online one),
 # variant-ab (encoder A/B over attention variant sets), compare (python -m bench.compare),
+# profile (per-kernel time of the encoder), attention-poly (exponentials partly on the FMA
+# units), ncu (Nsight Compute on attention and fc1; NCU_ATTENTION overrides the attention specs),
 # bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -31,6 +33,21 @@ for step in "$@"; do
     attention-anchored) python3 -m bench.attention_lab --variants pingpong,pingpong_anchored,tma,tma_anchored --dtypes bf16 --out "$OUT/attention_lab_anchored.json" 2>&1 | tee "$OUT/attention_lab_anchored.log" | tail -30 ;;
     variant-ab) python3 -m bench.variant_ab --out "$OUT/variant_ab.json" 2>&1 | tee "$OUT/variant_ab.log" | tail -8 ;;
     compare) python3 -m bench.compare --out "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
+    profile) python3 -m bench.profile_encoder --out "$OUT/profile_encoder.json" 2>&1 | tee "$OUT/profile_encoder.log" | tail -40 ;;
+    attention-poly) python3 -m bench.attention_lab --variants pingpong_anchored,pingpong_anchored_poly4,pingpong_anchored_poly8,tma_anchored,tma_anchored_poly4,tma_anchored_poly8 --dtypes bf16 --out "$OUT/attention_lab_poly.json" 2>&1 | tee "$OUT/attention_lab_poly.log" | tail -30 ;;
+    ncu)
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      NCU_ARGS=(--clock-control none -s 1 -c 1 --section SpeedOfLight --section ComputeWorkloadAnalysis
+                --section WarpStateStats --section Occupancy --section LaunchStats
+                --metrics "regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,regex:sm__pipe_.*_cycles_active\.avg\.pct_of_peak_sustained_active")
+      for spec in ${NCU_ATTENTION:-pingpong_anchored:64x64w4s3r168 tma_anchored:128x64w8s3}; do
+        f="$OUT/ncu_attention_${spec//[:]/_}.txt"
+        timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_attn_fwd python3 -m bench.ncu_target attention "$spec" > "$f" 2>&1
+        echo "--- $spec"; grep -E "Duration|Throughput|Issue Slots|pipe_(tensor|xu|fma|alu|fmaheavy|fp16)|Stall|Achieved Occ|Registers" "$f" | head -40
+      done
+      f="$OUT/ncu_fc1.txt"
+      timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_ln_linear python3 -m bench.ncu_target fc1 128x256x64s3w8sub > "$f" 2>&1
+      echo "--- fc1"; grep -E "Duration|Throughput|Issue Slots|pipe_(tensor|xu|fma|alu|fmaheavy)|Achieved Occ|Registers" "$f" | head -30 ;;
     bench) python3 -m pytest -q bench --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
