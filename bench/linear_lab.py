@@ -40,7 +40,8 @@ import triton
 
 from brainjepa_kernels._runtime import MatmulConfig, matmul_candidates
 from brainjepa_kernels.layernorm import layernorm, layernorm_reference, row_stats, row_stats_reference
-from brainjepa_kernels.layernorm_linear import fold_layernorm, layernorm_linear_folded, layernorm_linear_reference
+from brainjepa_kernels.layernorm_linear import (candidates_for, fold_layernorm, layernorm_linear_folded,
+                                                layernorm_linear_reference)
 from brainjepa_kernels.linear_residual import linear_residual, linear_residual_reference
 from brainjepa_kernels.patch_embed import patch_embed, patch_embed_reference
 from tests.helpers import KERNEL_TOL, rel_err
@@ -58,8 +59,10 @@ MATMULS = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def short(cfg: MatmulConfig) -> str:
-    """128x256x64 s3 w8 [sub] [nofl] [np] [dd] [2/sm]."""
+def short(cfg) -> str:
+    """128x256x64 s3 w8 [sub] [nofl] [np] [dd] [2/sm]; ws 128x128x64 s4 for the Gluon kernel."""
+    if not isinstance(cfg, MatmulConfig):
+        return f"ws {cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.stages}"
     flags = [("sub", cfg.subtile), ("nofl", not cfg.flatten), ("np", not cfg.persistent),
              ("dd", cfg.device_descriptors), (f"{cfg.programs_per_sm}/sm", cfg.programs_per_sm > 1)]
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} s{cfg.num_stages} w{cfg.num_warps}" + "".join(
@@ -145,14 +148,15 @@ def bench_matmul(lab: Lab, op: str, batch: int, dtype: torch.dtype, variants: bo
     def measure(variant: str, cfg: MatmulConfig, with_stats: bool = True) -> dict:
         return lab.measure(op, batch, dtype, variant, run(cfg, with_stats), out, ref, flops, "TFLOP/s", cfg)
 
-    rows = {cfg: measure(f"cfg {short(cfg)}", cfg) for cfg in matmul_candidates(dtype, x.device)}
+    candidates = candidates_for(x) if fused_ln else matmul_candidates(dtype, x.device)
+    rows = {cfg: measure(f"cfg {short(cfg)}", cfg) for cfg in candidates}
     timed = {cfg: row["ms"] for cfg, row in rows.items() if "ms" in row and row.get("ok")}
     if timed:
         best = min(timed, key=timed.get)
         rows[best]["best"] = True
         lab.save()
         print(f"{'':11s} best: {short(best)}")
-    if timed and variants:
+    if timed and variants and isinstance(best, MatmulConfig):
         measure(f"non-persistent {short(best)}", dataclasses.replace(best, persistent=False))
         measure(f"device-desc {short(best)}", dataclasses.replace(best, device_descriptors=True))
         if fused_ln:
@@ -223,12 +227,63 @@ def summary(lab: Lab) -> None:
           f"({time.time() - lab.t0:.0f} s)")
 
 
+def compile_ws_only() -> list[dict]:
+    """sm_90 compile of every Gluon configuration (``kernels.layernorm_linear_hopper.CONFIGS``)
+    at the fc1 (GELU) and qkv shapes of B=8, without a GPU: registers at launch, spills, shared
+    memory, the partitions' ``setmaxnreg`` values, and the SASS counts of wgmma and of waits for
+    them (one per wgmma would mean ptxas serialized them)."""
+    import re
+    import subprocess
+
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from bench.attention_lab import compile_sm90, cubin_usage
+    from brainjepa_kernels.layernorm_linear_hopper import CONFIGS, _ln_linear_ws_kernel
+
+    rows = []
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    for op in ("fc1", "qkv"):
+        _, K, N, activation = MATMULS[op]
+        M = 8 * TOKENS_PER_SCAN
+        for cfg in CONFIGS:
+            def desc(shape, box):
+                t = torch.empty(*shape, dtype=torch.bfloat16)
+                return TensorDescriptor(t, list(t.shape), list(t.stride()), box,
+                                        gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16))
+
+            args = (desc((M, K), [cfg.block_m, cfg.block_k]), desc((N, K), [cfg.block_n, cfg.block_k]),
+                    desc((M, N), [cfg.block_m, cfg.block_n]), torch.empty(M, 2), torch.empty(N), torch.empty(N),
+                    M, N, K)
+            meta = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, GELU=activation == "gelu", num_warps=4, maxnreg=168)
+            kernel = compile_sm90(_ln_linear_ws_kernel, args, meta, GluonASTSource)
+            cubin = Path(f"/tmp/linear_lab_ws_{op}.cubin")
+            cubin.write_bytes(kernel.asm["cubin"])
+            sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout
+            cubin.unlink()
+            setmaxnreg = sorted({f"{kind} {n}" for kind, n in re.findall(
+                r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", kernel.asm["ptx"])})
+            row = dict(op=op, config=dataclasses.asdict(cfg), smem=kernel.metadata.shared, setmaxnreg=setmaxnreg,
+                       hgmma=sass.count("HGMMA"), depbar=sass.count("WARPGROUP.DEPBAR"), **cubin_usage(kernel))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="bf16,fp16", help="comma list of bf16, fp16")
     parser.add_argument("--batches", default="8,1", help="comma list of batch sizes (M = B * 4500)")
+    parser.add_argument("--ops", default=",".join(MATMULS), help="comma list of matmuls (qkv, fc1, proj, fc2)")
+    parser.add_argument("--no-memory-bound", action="store_true", help="skip row_stats, layernorm, patch_embed")
     parser.add_argument("--out", type=Path, default=Path("bench/results/linear_lab.json"))
+    parser.add_argument("--compile-ws", action="store_true",
+                        help="compile the Gluon kernel's configurations for sm_90 and report (no GPU needed)")
     args = parser.parse_args(argv)
+    if args.compile_ws:
+        compile_ws_only()
+        return 0
     if not torch.cuda.is_available():
         print("linear_lab needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -238,9 +293,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     for dtype in dtypes:
         for batch in batches:
-            for op in MATMULS:
+            for op in args.ops.split(","):
                 bench_matmul(lab, op, batch, dtype, variants=dtype == dtypes[0])
-            bench_memory_bound(lab, batch, dtype)
+            if not args.no_memory_bound:
+                bench_memory_bound(lab, batch, dtype)
     summary(lab)
     return 0
 

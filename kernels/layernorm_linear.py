@@ -27,6 +27,7 @@ software-pipelined K loop, optionally subtiled epilogue.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -128,6 +129,26 @@ def _ln_linear_kernel(x_desc, w_desc, out_desc, stats_ptr, colsum_ptr, bias_ptr,
             _ln_epilogue(acc, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, N, BLOCK_N, GELU)
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_module():
+    """:mod:`kernels.layernorm_linear_hopper` (the warp-specialized Gluon kernel), or None where
+    this Triton has no Gluon for Hopper (imported on first use: it imports this module)."""
+    try:
+        from . import layernorm_linear_hopper
+    except ImportError:
+        return None
+    return layernorm_linear_hopper
+
+
+def candidates_for(x: torch.Tensor) -> tuple:
+    """Configurations :func:`layernorm_linear_folded` tunes over for ``x``: the Triton kernel's
+    :func:`matmul_candidates`, plus the Gluon kernel's (:data:`kernels.layernorm_linear_hopper.CONFIGS`)
+    where it runs (sm_90 GPU, fp16/bf16)."""
+    hopper = _hopper_module()
+    extra = hopper.CONFIGS if hopper is not None and hopper.supports(x) else ()
+    return matmul_candidates(x.dtype, x.device) + extra
+
+
 class FoldedLinear(NamedTuple):
     """A LayerNorm + ``nn.Linear`` pair folded for :func:`layernorm_linear_folded`.
 
@@ -180,8 +201,9 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
     N * itemsize multiples of 16 bytes (TMA). activation: None or ``"gelu"`` (exact erf).
     stats: [M, 2] float32 (mean, rstd) per row of x (M = x.numel() / K), e.g. shared with another
     consumer; computed by :func:`row_stats` with ``eps`` when None. out: [..., N] in x.dtype,
-    contiguous, not overlapping x. configs: candidate tile configurations (default
-    :func:`matmul_candidates`); the fastest is picked on first use of each shape. Returns ``out``.
+    contiguous, not overlapping x. configs: candidate configurations, :class:`MatmulConfig` (the
+    Triton kernel) or :class:`kernels.layernorm_linear_hopper.WsConfig` (default
+    :func:`candidates_for`); the fastest is picked on first use of each shape. Returns ``out``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
@@ -201,13 +223,16 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
         stats = row_stats(x2, eps)
     check_out(stats, (M, 2), torch.float32, x.device, "stats")
 
-    def launch(cfg: MatmulConfig) -> None:
+    def launch(cfg) -> None:
+        if not isinstance(cfg, MatmulConfig):
+            _hopper_module().launch(x2, folded, stats, out2, activation, cfg)
+            return
         x_desc, w_desc, out_desc = matmul_operands(cfg, x2, folded.weight, out2)
         programs = cfg.num_programs(M, N, x.device)
         _ln_linear_kernel[(programs,)](x_desc, w_desc, out_desc, stats, folded.colsum, folded.bias,
                                        M, N, K, programs, GELU=activation == "gelu", **cfg.meta())
 
-    candidates = tuple(configs) if configs else matmul_candidates(x.dtype, x.device)
+    candidates = tuple(configs) if configs else candidates_for(x)
     launch(select_config(("layernorm_linear", M, N, K, x.dtype, activation), candidates, lambda: launch))
     return out
 

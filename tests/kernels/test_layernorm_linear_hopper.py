@@ -1,0 +1,78 @@
+"""The warp-specialized Gluon kernel for Hopper (:mod:`kernels.layernorm_linear_hopper`), one of
+the configurations :func:`layernorm_linear_folded` tunes over on an sm_90 GPU.
+
+Gluon has no CPU interpreter, so off-GPU the kernel is compiled for sm_90 (ptxas ships with
+Triton) and its resources and SASS checked; on an sm_90 GPU its results are checked against
+:func:`layernorm_linear_reference` by ‖out − ref‖/‖ref‖ on NaN-poisoned outputs, ragged M (one
+row; fewer rows than a tile; tile counts that leave the two consumers and the last wave uneven),
+K not a multiple of the K step, N not a multiple of the tile, fp16 and bf16, with and without
+GELU, and that nothing past the output is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import KERNEL_TOL, assert_close, poison_, requires_hopper, requires_triton
+from test_layernorm_linear import _problem, _reference
+
+pytestmark = requires_triton
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def test_compiles_for_hopper_without_spills():
+    """Each configuration, compiled by ptxas for sm_90 at the fc1 (GELU) and qkv shapes
+    (``bench.linear_lab --compile-ws``, in a process without the interpreter): no spills, within
+    the 227 KB of shared memory, the partitions at 256 / 232 / 24 registers (setmaxnreg), eight
+    wgmma per K step in each consumer's loop (a 128-row tile is two m64 instructions per 16-wide
+    K slice), and ptxas did not serialize them (a wait per wgmma would show as one
+    ``WARPGROUP.DEPBAR`` per ``HGMMA``; each consumer waits once per step and once per tile)."""
+    from brainjepa_kernels.layernorm_linear_hopper import CONFIGS
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.linear_lab", "--compile-ws"], cwd=Path(__file__).resolve().parents[2],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert len(rows) == 2 * len(CONFIGS), rows
+    for row in rows:
+        assert row["stack"] == 0 and row["regs"] <= 168 and row["smem"] <= 232448, row
+        assert {"inc 256", "inc 232", "dec 24"} <= set(row["setmaxnreg"]), row
+        assert row["hgmma"] == 16 and row["depbar"] <= 4, row
+
+
+def test_offered_only_where_it_runs():
+    """Off an sm_90 GPU (and for fp32) the tuner's candidates are the Triton kernel's alone."""
+    from brainjepa_kernels._runtime import matmul_candidates
+    from brainjepa_kernels.layernorm_linear import candidates_for
+
+    x = torch.empty(4, 64)
+    assert candidates_for(x) == matmul_candidates(x.dtype, x.device)
+
+
+@pytest.mark.gpu
+@requires_hopper
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("m,k,n", [(1, 768, 2304), (77, 72, 200), (300, 768, 3072), (4500, 768, 3072),
+                                   (36000, 768, 2304), (13500 + 77, 768, 3072)])
+def test_gpu_matches_reference(m, k, n, activation, dtype):
+    from brainjepa_kernels.layernorm_linear import fold_layernorm, layernorm_linear_folded
+    from brainjepa_kernels.layernorm_linear_hopper import CONFIGS
+
+    x, ln_w, ln_b, w, b = _problem(m, k, n, dtype, device="cuda")
+    folded = fold_layernorm(ln_w, ln_b, w, b)
+    ref = _reference(x, ln_w, ln_b, w, b, activation)
+    room = poison_(torch.empty(m + 300, n, device="cuda", dtype=dtype))
+    for cfg in CONFIGS:
+        out = poison_(room[:m])
+        layernorm_linear_folded(x, folded, activation, out=out, configs=[cfg])
+        assert_close(out, ref, KERNEL_TOL[("cuda", dtype)], f"{cfg} {m}x{k}x{n} {activation}")
+        assert torch.isnan(room[m:]).all(), f"{cfg}: wrote past the output"
