@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,10 +39,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from brainjepa_kernels._runtime import MatmulConfig, matmul_candidates
+from brainjepa_kernels._runtime import MatmulConfig, candidates_for
 from brainjepa_kernels.layernorm import layernorm, layernorm_reference, row_stats, row_stats_reference
-from brainjepa_kernels.layernorm_linear import (candidates_for, fold_layernorm, layernorm_linear_folded,
-                                                layernorm_linear_reference)
+from brainjepa_kernels.layernorm_linear import fold_layernorm, layernorm_linear_folded, layernorm_linear_reference
 from brainjepa_kernels.linear_residual import linear_residual, linear_residual_reference
 from brainjepa_kernels.patch_embed import patch_embed, patch_embed_reference
 from tests.helpers import KERNEL_TOL, rel_err
@@ -148,8 +148,7 @@ def bench_matmul(lab: Lab, op: str, batch: int, dtype: torch.dtype, variants: bo
     def measure(variant: str, cfg: MatmulConfig, with_stats: bool = True) -> dict:
         return lab.measure(op, batch, dtype, variant, run(cfg, with_stats), out, ref, flops, "TFLOP/s", cfg)
 
-    candidates = candidates_for(x) if fused_ln else matmul_candidates(dtype, x.device)
-    rows = {cfg: measure(f"cfg {short(cfg)}", cfg) for cfg in candidates}
+    rows = {cfg: measure(f"cfg {short(cfg)}", cfg) for cfg in candidates_for(x)}
     timed = {cfg: row["ms"] for cfg, row in rows.items() if "ms" in row and row.get("ok")}
     if timed:
         best = min(timed, key=timed.get)
@@ -228,37 +227,31 @@ def summary(lab: Lab) -> None:
 
 
 def compile_ws_only() -> list[dict]:
-    """sm_90 compile of every Gluon configuration (``kernels.layernorm_linear_hopper.CONFIGS``)
-    at the fc1 (GELU) and qkv shapes of B=8, without a GPU: registers at launch, spills, shared
+    """sm_90 compile of every Gluon configuration (``kernels.matmul_hopper.CONFIGS``) with the
+    epilogue of each encoder matmul at B=8, without a GPU: registers at launch, spills, shared
     memory, the partitions' ``setmaxnreg`` values, and the SASS counts of wgmma and of waits for
     them (one per wgmma would mean ptxas serialized them)."""
     import re
     import subprocess
 
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from bench.attention_lab import compile_sm90, cubin_usage
-    from brainjepa_kernels.layernorm_linear_hopper import CONFIGS, _ln_linear_ws_kernel
+    from brainjepa_kernels.matmul_hopper import CONFIGS, _matmul_ws_kernel, kernel_args
 
     rows = []
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    for op in ("fc1", "qkv"):
-        _, K, N, activation = MATMULS[op]
+    for op, (fused_ln, K, N, activation) in MATMULS.items():
         M = 8 * TOKENS_PER_SCAN
+        x, w, out = (torch.empty(*shape, dtype=torch.bfloat16) for shape in ((M, K), (N, K), (M, N)))
         for cfg in CONFIGS:
-            def desc(shape, box):
-                t = torch.empty(*shape, dtype=torch.bfloat16)
-                return TensorDescriptor(t, list(t.shape), list(t.stride()), box,
-                                        gl.NVMMASharedLayout.get_default_for(box, gl.bfloat16))
-
-            args = (desc((M, K), [cfg.block_m, cfg.block_k]), desc((N, K), [cfg.block_n, cfg.block_k]),
-                    desc((M, N), [cfg.block_m, cfg.block_n]), torch.empty(M, 2), torch.empty(N), torch.empty(N),
-                    M, N, K)
-            meta = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, GELU=activation == "gelu", num_warps=4, maxnreg=168)
-            kernel = compile_sm90(_ln_linear_ws_kernel, args, meta, GluonASTSource)
-            cubin = Path(f"/tmp/linear_lab_ws_{op}.cubin")
+            if fused_ln:
+                args, meta, _ = kernel_args(x, w, out, cfg, "layernorm", torch.empty(N), torch.empty(N),
+                                            torch.empty(M, 2), gelu=activation == "gelu")
+            else:
+                args, meta, _ = kernel_args(x, w, out, cfg, "residual", torch.empty(N), residual=out)
+            kernel = compile_sm90(_matmul_ws_kernel, args, meta, GluonASTSource)
+            cubin = Path(f"/tmp/linear_lab_ws_{os.getpid()}.cubin")
             cubin.write_bytes(kernel.asm["cubin"])
             sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout
             cubin.unlink()

@@ -186,6 +186,26 @@ def matmul_candidates(dtype: torch.dtype, device: torch.device) -> tuple[MatmulC
     )
 
 
+@functools.lru_cache(maxsize=None)
+def hopper_module():
+    """:mod:`kernels.matmul_hopper` (the warp-specialized Gluon matmul), or None where this
+    Triton has no Gluon for Hopper (imported on first use: it imports the Triton modules)."""
+    try:
+        from . import matmul_hopper
+    except ImportError:
+        return None
+    return matmul_hopper
+
+
+def candidates_for(x: torch.Tensor, hopper_ok: bool = True) -> tuple:
+    """Configurations the matmul modules tune over for operand ``x``: :func:`matmul_candidates`
+    (the Triton kernels' :class:`MatmulConfig`), plus :data:`kernels.matmul_hopper.CONFIGS` where
+    that kernel runs (sm_90 GPU, fp16/bf16) and the caller's epilogue allows it (``hopper_ok``)."""
+    hopper = hopper_module() if hopper_ok else None
+    extra = hopper.CONFIGS if hopper is not None and hopper.supports(x) else ()
+    return matmul_candidates(x.dtype, x.device) + extra
+
+
 _TUNED: dict[tuple, Hashable] = {}
 
 

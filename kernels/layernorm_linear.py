@@ -27,7 +27,6 @@ software-pipelined K loop, optionally subtiled epilogue.
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -35,9 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import (MatmulConfig, as_rows, check_dtype, check_out, check_tma_matrix, grouped_tile,
-                       matmul_candidates, matmul_operands, select_config, split_columns, tile_matmul,
-                       tma_operand)
+from ._runtime import (MatmulConfig, as_rows, candidates_for, check_dtype, check_out, check_tma_matrix, grouped_tile,
+                       hopper_module, matmul_operands, select_config, split_columns, tile_matmul, tma_operand)
 from .layernorm import row_stats
 
 ACTIVATIONS = (None, "gelu")
@@ -129,26 +127,6 @@ def _ln_linear_kernel(x_desc, w_desc, out_desc, stats_ptr, colsum_ptr, bias_ptr,
             _ln_epilogue(acc, mean, rstd, colsum_ptr, bias_ptr, out_desc, off_m, off_n, N, BLOCK_N, GELU)
 
 
-@functools.lru_cache(maxsize=None)
-def _hopper_module():
-    """:mod:`kernels.layernorm_linear_hopper` (the warp-specialized Gluon kernel), or None where
-    this Triton has no Gluon for Hopper (imported on first use: it imports this module)."""
-    try:
-        from . import layernorm_linear_hopper
-    except ImportError:
-        return None
-    return layernorm_linear_hopper
-
-
-def candidates_for(x: torch.Tensor) -> tuple:
-    """Configurations :func:`layernorm_linear_folded` tunes over for ``x``: the Triton kernel's
-    :func:`matmul_candidates`, plus the Gluon kernel's (:data:`kernels.layernorm_linear_hopper.CONFIGS`)
-    where it runs (sm_90 GPU, fp16/bf16)."""
-    hopper = _hopper_module()
-    extra = hopper.CONFIGS if hopper is not None and hopper.supports(x) else ()
-    return matmul_candidates(x.dtype, x.device) + extra
-
-
 class FoldedLinear(NamedTuple):
     """A LayerNorm + ``nn.Linear`` pair folded for :func:`layernorm_linear_folded`.
 
@@ -202,8 +180,8 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
     stats: [M, 2] float32 (mean, rstd) per row of x (M = x.numel() / K), e.g. shared with another
     consumer; computed by :func:`row_stats` with ``eps`` when None. out: [..., N] in x.dtype,
     contiguous, not overlapping x. configs: candidate configurations, :class:`MatmulConfig` (the
-    Triton kernel) or :class:`kernels.layernorm_linear_hopper.WsConfig` (default
-    :func:`candidates_for`); the fastest is picked on first use of each shape. Returns ``out``.
+    Triton kernel) or :class:`kernels.matmul_hopper.WsConfig` (default :func:`candidates_for`);
+    the fastest is picked on first use of each shape. Returns ``out``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
@@ -225,7 +203,8 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
 
     def launch(cfg) -> None:
         if not isinstance(cfg, MatmulConfig):
-            _hopper_module().launch(x2, folded, stats, out2, activation, cfg)
+            hopper_module().launch(x2, folded.weight, out2, cfg, "layernorm", folded.colsum, folded.bias, stats,
+                                   gelu=activation == "gelu")
             return
         x_desc, w_desc, out_desc = matmul_operands(cfg, x2, folded.weight, out2)
         programs = cfg.num_programs(M, N, x.device)

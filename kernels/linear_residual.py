@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import (MatmulConfig, as_rows, check_dtype, check_out, check_tma_matrix, grouped_tile,
-                       matmul_candidates, matmul_operands, select_config, split_columns, tile_matmul,
+from ._runtime import (MatmulConfig, as_rows, candidates_for, check_dtype, check_out, check_tma_matrix,
+                       grouped_tile, hopper_module, matmul_operands, select_config, split_columns, tile_matmul,
                        tma_operand)
 
 
@@ -77,9 +77,10 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
     x.dtype; b: [N], any supported float dtype; residual: [..., N] contiguous, any supported float
     dtype (e.g. an fp32 residual stream under bf16 compute). out: like ``residual`` (same shape and
     dtype), may be ``residual`` itself for an in-place update; K * itemsize and N * itemsize
-    multiples of 16 bytes (TMA). configs: candidate tile configurations (default
-    :func:`matmul_candidates`); the fastest is picked on first use of each shape, timed into a
-    scratch output so an in-place call is applied once. Returns ``out``.
+    multiples of 16 bytes (TMA). configs: candidate configurations, :class:`MatmulConfig` or
+    :class:`kernels.matmul_hopper.WsConfig` (default :func:`kernels._runtime.candidates_for`; the
+    Gluon kernel only for a residual in x.dtype); the fastest is picked on first use of each
+    shape, timed into a scratch output so an in-place call is applied once. Returns ``out``.
     """
     check_dtype(x, "x")
     x2 = as_rows(x, "x")
@@ -105,7 +106,10 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
     check_tma_matrix(res2, "residual")
     check_tma_matrix(out2, "out")
 
-    def launch(cfg: MatmulConfig, dst: torch.Tensor) -> None:
+    def launch(cfg, dst: torch.Tensor) -> None:
+        if not isinstance(cfg, MatmulConfig):
+            hopper_module().launch(x2, w, dst, cfg, "residual", b, residual=res2)
+            return
         x_desc, w_desc, res_desc, out_desc = matmul_operands(cfg, x2, w, res2, dst)
         programs = cfg.num_programs(M, N, x.device)
         _linear_residual_kernel[(programs,)](x_desc, w_desc, res_desc, out_desc, b, M, N, K, programs,
@@ -115,7 +119,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
         scratch = torch.empty_like(out2)
         return lambda cfg: launch(cfg, scratch)
 
-    candidates = tuple(configs) if configs else matmul_candidates(x.dtype, x.device)
+    candidates = tuple(configs) if configs else candidates_for(x, hopper_ok=residual.dtype == x.dtype)
     launch(select_config(("linear_residual", M, N, K, x.dtype, residual.dtype), candidates, make_runner), out2)
     return out
 

@@ -1,9 +1,11 @@
-"""The warp-specialized Gluon kernel for Hopper (:mod:`kernels.layernorm_linear_hopper`), one of
-the configurations :func:`layernorm_linear_folded` tunes over on an sm_90 GPU.
+"""The warp-specialized Gluon matmul for Hopper (:mod:`kernels.matmul_hopper`), among the
+configurations :func:`layernorm_linear_folded` and :func:`linear_residual` tune over on an sm_90
+GPU.
 
 Gluon has no CPU interpreter, so off-GPU the kernel is compiled for sm_90 (ptxas ships with
 Triton) and its resources and SASS checked; on an sm_90 GPU its results are checked against
-:func:`layernorm_linear_reference` by ‖out − ref‖/‖ref‖ on NaN-poisoned outputs, ragged M (one
+:func:`layernorm_linear_reference` and :func:`linear_residual_reference` by ‖out − ref‖/‖ref‖
+on NaN-poisoned outputs (the residual also in place), ragged M (one
 row; fewer rows than a tile; tile counts that leave the two consumers and the last wave uneven),
 K not a multiple of the K step, N not a multiple of the tile, fp16 and bf16, with and without
 GELU, and that nothing past the output is written.
@@ -28,20 +30,20 @@ GPU_DTYPES = [torch.bfloat16, torch.float16]
 
 
 def test_compiles_for_hopper_without_spills():
-    """Each configuration, compiled by ptxas for sm_90 at the fc1 (GELU) and qkv shapes
-    (``bench.linear_lab --compile-ws``, in a process without the interpreter): no spills, within
+    """Each configuration, compiled by ptxas for sm_90 with the epilogue and shape of each encoder
+    matmul (``bench.linear_lab --compile-ws``, in a process without the interpreter): no spills, within
     the 227 KB of shared memory, the partitions at 256 / 232 / 24 registers (setmaxnreg), eight
     wgmma per K step in each consumer's loop (a 128-row tile is two m64 instructions per 16-wide
     K slice), and ptxas did not serialize them (a wait per wgmma would show as one
     ``WARPGROUP.DEPBAR`` per ``HGMMA``; each consumer waits once per step and once per tile)."""
-    from brainjepa_kernels.layernorm_linear_hopper import CONFIGS
+    from brainjepa_kernels.matmul_hopper import CONFIGS
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "bench.linear_lab", "--compile-ws"], cwd=Path(__file__).resolve().parents[2],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
-    assert len(rows) == 2 * len(CONFIGS), rows
+    assert len(rows) == 4 * len(CONFIGS), rows
     for row in rows:
         assert row["stack"] == 0 and row["regs"] <= 168 and row["smem"] <= 232448, row
         assert {"inc 256", "inc 232", "dec 24"} <= set(row["setmaxnreg"]), row
@@ -49,12 +51,17 @@ def test_compiles_for_hopper_without_spills():
 
 
 def test_offered_only_where_it_runs():
-    """Off an sm_90 GPU (and for fp32) the tuner's candidates are the Triton kernel's alone."""
-    from brainjepa_kernels._runtime import matmul_candidates
-    from brainjepa_kernels.layernorm_linear import candidates_for
+    """Off an sm_90 GPU (and for fp32) the tuners' candidates are the Triton kernels' alone; on
+    one, the Gluon configurations follow them unless the caller's epilogue rules them out."""
+    from brainjepa_kernels._runtime import candidates_for, matmul_candidates
+    from brainjepa_kernels.matmul_hopper import CONFIGS, supports
 
-    x = torch.empty(4, 64)
-    assert candidates_for(x) == matmul_candidates(x.dtype, x.device)
+    for x in (torch.empty(4, 64), torch.empty(4, 64, dtype=torch.bfloat16)):
+        assert not supports(x)
+        assert candidates_for(x) == matmul_candidates(x.dtype, x.device)
+    if torch.cuda.is_available() and supports(x := torch.empty(4, 64, device="cuda", dtype=torch.bfloat16)):
+        assert candidates_for(x) == matmul_candidates(x.dtype, x.device) + CONFIGS
+        assert candidates_for(x, hopper_ok=False) == matmul_candidates(x.dtype, x.device)
 
 
 @pytest.mark.gpu
@@ -65,7 +72,7 @@ def test_offered_only_where_it_runs():
                                    (36000, 768, 2304), (13500 + 77, 768, 3072)])
 def test_gpu_matches_reference(m, k, n, activation, dtype):
     from brainjepa_kernels.layernorm_linear import fold_layernorm, layernorm_linear_folded
-    from brainjepa_kernels.layernorm_linear_hopper import CONFIGS
+    from brainjepa_kernels.matmul_hopper import CONFIGS
 
     x, ln_w, ln_b, w, b = _problem(m, k, n, dtype, device="cuda")
     folded = fold_layernorm(ln_w, ln_b, w, b)
@@ -75,4 +82,29 @@ def test_gpu_matches_reference(m, k, n, activation, dtype):
         out = poison_(room[:m])
         layernorm_linear_folded(x, folded, activation, out=out, configs=[cfg])
         assert_close(out, ref, KERNEL_TOL[("cuda", dtype)], f"{cfg} {m}x{k}x{n} {activation}")
+        assert torch.isnan(room[m:]).all(), f"{cfg}: wrote past the output"
+
+
+@pytest.mark.gpu
+@requires_hopper
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 768, 768), (77, 72, 200), (300, 3072, 768), (36000, 768, 768),
+                                   (13500 + 77, 3072, 768)])
+def test_gpu_residual_matches_reference(m, k, n, in_place, dtype):
+    from brainjepa_kernels.linear_residual import linear_residual, linear_residual_reference
+    from brainjepa_kernels.matmul_hopper import CONFIGS
+
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(dtype)
+    b = (0.5 * torch.randn(n, device="cuda")).to(dtype)
+    residual = torch.randn(m, n, device="cuda").to(dtype)
+    ref = linear_residual_reference(x.float(), w.float(), b.float(), residual.float())
+    for cfg in CONFIGS:
+        room = poison_(torch.empty(m + 300, n, device="cuda", dtype=dtype))
+        out = room[:m]
+        if in_place:
+            out.copy_(residual)
+        linear_residual(x, w, b, out if in_place else residual, out=out, configs=[cfg])
+        assert_close(out, ref, KERNEL_TOL[("cuda", dtype)], f"{cfg} {m}x{k}x{n} in_place={in_place}")
         assert torch.isnan(room[m:]).all(), f"{cfg}: wrote past the output"

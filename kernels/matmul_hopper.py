@@ -1,0 +1,256 @@
+"""The encoder's matmuls for Hopper (sm_90) in Gluon, warp-specialized so that the epilogue of
+one tile runs while the tensor cores work on the next: the overlap the Triton kernels cannot
+express.
+
+One persistent kernel, two epilogues, each the contract of a Triton module that tunes over this
+kernel beside its own configurations where :func:`supports` holds (sm_90 GPU, fp16/bf16):
+
+* ``"layernorm"``: :func:`kernels.layernorm_linear.layernorm_linear_folded` (qkv, fc1),
+  ``out = act(rstd * (x @ W'^T - mean * c) + b')`` from raw rows x [M, K], the folded weight
+  W' [N, K], per-row (mean, rstd), per-column colsum c and bias b' (fp32); the function it must
+  equal is :func:`kernels.layernorm_linear.layernorm_linear_reference`;
+* ``"residual"``: :func:`kernels.linear_residual.linear_residual` (proj, fc2),
+  ``out = residual + x @ w^T + b``, out possibly the residual itself; the function it must equal
+  is :func:`kernels.linear_residual.linear_residual_reference`.
+
+Why a second kernel: in the Triton kernels the same warps run the main loop and the epilogue, so
+the tensor cores idle while a tile's epilogue runs. For fc1 that is the erf GELU, ~20
+instructions an element: the Triton kernel reached 448-455 TFLOP/s on the H100 against ~600 for
+the bare product, its tensor pipe active 48% of the time (Nsight Compute, session 7). Here each
+persistent program (one per SM) has three partitions (``gl.warp_specialize``):
+
+* a producer warp streams the K steps of the program's tiles through a ring of ``STAGES``
+  shared-memory slots (TMA, ``ready`` / ``empty`` barriers per slot);
+* two consumer warpgroups take the program's tiles in turn (tile i to consumer i % 2), each
+  running the whole BLOCK_M x BLOCK_N tile: wgmma from the ring with one product in flight, the
+  slot of the previous K step released as soon as its product retired; then the epilogue,
+  through a shared-memory tile of its own and a TMA store. The epilogue's vectors are loaded,
+  and the residual tile is requested (TMA, into that shared-memory tile), before the main loop,
+  so their latency hides behind it.
+
+The consumers' main loops alternate (``turn`` barriers, CUTLASS's "ping-pong" schedule): a
+consumer starts its tile's main loop once the other has issued its last product, so one
+consumer's epilogue runs during the other's main loop, and the ring's slots are taken in the
+order the producer fills them (a consumer never waits on a slot's barrier more than one phase
+ahead, which mbarrier parity could not tell apart).
+
+In-place residual (``out`` is ``residual``): each tile's residual is read into shared memory
+before the same program writes that tile, and no other program touches it.
+
+Measured (H100 80GB HBM3, bf16, CUDA-graph replay, 2026-11-27, ``bench/linear_lab``, first
+version: layernorm epilogue only, vectors loaded after the main loop): fc1 [36000 x 768 ->
+3072] 501.9 TFLOP/s against 454.7 for the tuned Triton kernel, qkv 553.4 against 559.2; one scan
+(M = 4500): fc1 433.4 against 417.9, qkv 551.8 against 516.6.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ._runtime import grouped_tile, is_hopper, num_sms
+from .layernorm_linear import gelu
+
+EPILOGUES = ("layernorm", "residual")
+
+#: Whether the Triton modules' tuners offer this kernel (``bench.variant_ab`` turns it off for
+#: its A/B arms).
+OFFERED = True
+
+
+@gluon.jit
+def _producer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar, vec0_ptr,
+              vec1_ptr, stats_ptr, M, N, K, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
+              ROLE: gl.constexpr):
+    """One warp (ROLE 2; the worker partitions share one signature): the K steps of this
+    program's tiles (tiles pid, pid + P, ...) into the ring, in order; step t into slot
+    t % STAGES once the consumer released the slot's previous use."""
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    STAGES: gl.constexpr = a_bufs.shape[0]
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    k_steps = gl.cdiv(K, BLOCK_K)
+    step = 0
+    for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        for ki in range(k_steps):
+            slot = step % STAGES
+            mbarrier.wait(empty.index(slot), ((step // STAGES) & 1) ^ 1)  # a fresh barrier passes parity 1
+            mbarrier.expect(ready.index(slot), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, ki * BLOCK_K], ready.index(slot),
+                                            a_bufs.index(slot))
+            tma.async_copy_global_to_shared(w_desc, [pid_n * BLOCK_N, ki * BLOCK_K], ready.index(slot),
+                                            b_bufs.index(slot))
+            step += 1
+
+
+@gluon.jit
+def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar, vec0_ptr,
+              vec1_ptr, stats_ptr, M, N, K, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
+              ROLE: gl.constexpr):
+    """One warpgroup: tiles ROLE, ROLE + 2, ... of this program's, each a BLOCK_M x BLOCK_N tile
+    from the ring, then its epilogue through ``out_bufs[ROLE]``: "layernorm",
+    ``act(rstd * (acc - mean * c) + b')`` with vec0 = c, vec1 = b', stats = (mean, rstd); or
+    "residual", ``residual + acc + b`` with vec0 = b (residual tile by TMA through res_desc,
+    completing on ``res_bar[ROLE]``). Main loops alternate with the other consumer via ``turn``."""
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    STAGES: gl.constexpr = a_bufs.shape[0]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    rows_of: gl.constexpr = gl.SliceLayout(1, mma)
+    cols_of: gl.constexpr = gl.SliceLayout(0, mma)
+    out_buf = out_bufs.index(ROLE)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    k_steps = gl.cdiv(K, BLOCK_K)
+    pid = gl.program_id(0)
+    programs = gl.num_programs(0)
+    n_local = gl.cdiv(num_pid_m * num_pid_n - pid, programs)
+    for i in range(ROLE, n_local, 2):
+        j = i // 2  # this consumer's j-th tile
+        pid_m, pid_n = grouped_tile(pid + i * programs, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        # The epilogue's inputs, requested now so that their latency hides behind the main loop.
+        cols = off_n + gl.arange(0, BLOCK_N, layout=cols_of)
+        vec0 = gl.load(vec0_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+        tma.store_wait(0)  # this consumer's previous tile has left out_buf
+        if EPILOGUE == "layernorm":
+            rows = off_m + gl.arange(0, BLOCK_M, layout=rows_of)
+            mean = gl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
+            rstd = gl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
+            vec1 = gl.load(vec1_ptr + cols, mask=cols < N, other=0.0)
+        else:
+            mbarrier.expect(res_bar.index(ROLE), res_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(res_desc, [off_m, off_n], res_bar.index(ROLE), out_buf)
+
+        if ROLE == 0:
+            mbarrier.wait(turn.index(0), (j - 1) & 1, pred=j > 0)
+        else:
+            mbarrier.wait(turn.index(1), j & 1)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
+        step = i * k_steps
+        for ki in range(k_steps):
+            slot = step % STAGES
+            mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc, ))
+            mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=ki > 0)  # step - 1 retired
+            step += 1
+        mbarrier.arrive(turn.index(1 - ROLE))  # the other consumer's main loop may start
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
+
+        if EPILOGUE == "layernorm":
+            y = gl.expand_dims(rstd, 1) * (acc - gl.expand_dims(mean, 1) * gl.expand_dims(vec0, 0)) \
+                + gl.expand_dims(vec1, 0)
+            if GELU:
+                y = gelu(y)
+        else:
+            mbarrier.wait(res_bar.index(ROLE), j & 1)
+            y = out_buf.load(mma).to(gl.float32) + acc + gl.expand_dims(vec0, 0)
+        out_buf.store(y.to(out_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_buf)
+    tma.store_wait(0)
+
+
+@gluon.jit(do_not_specialize=["M"])
+def _matmul_ws_kernel(x_desc, w_desc, out_desc, res_desc, vec0_ptr, vec1_ptr, stats_ptr, M, N, K,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr):
+    """Persistent program (one per SM): see the module docstring. x_desc [M, K] in BLOCK_M x
+    BLOCK_K boxes, w_desc [N, K] in BLOCK_N x BLOCK_K boxes, out_desc and res_desc [M, N] in
+    BLOCK_M x BLOCK_N boxes (res_desc: any descriptor of that box for "layernorm"); vec0, vec1
+    [N] and stats [M, 2] as :func:`_consumer` reads them for EPILOGUE."""
+    dtype: gl.constexpr = x_desc.dtype
+    a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    out_bufs = gl.allocate_shared_memory(dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    res_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    for r in gl.static_range(2):
+        mbarrier.init(turn.index(r), count=1)
+        mbarrier.init(res_bar.index(r), count=1)
+    # (Tuples built inline: Gluon 3.6 rejects a tuple variable extended with `+` here.)
+    gl.warp_specialize([
+        (_consumer, (x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar,
+                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, GROUP_M, EPILOGUE, GELU, 0)),
+        (_consumer, (x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar,
+                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, GROUP_M, EPILOGUE, GELU, 1)),
+        (_producer, (x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar,
+                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, GROUP_M, EPILOGUE, GELU, 2)),
+    ], [4, 1], [232, 24])
+
+
+@dataclass(frozen=True)
+class WsConfig:
+    """Tile of each consumer (``block_m`` x ``block_n``, one warpgroup: block_m * block_n / 128
+    fp32 accumulators a thread), ``block_k`` per ring slot, ``stages`` ring slots, ``group_m``
+    of the grouped tile order."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    stages: int = 4
+    group_m: int = 8
+
+
+#: Configurations the tuners add on Hopper: 128x128 tiles, 4 or 5 slots of 32 KB plus two 32 KB
+#: output tiles (193 or 225 KB of shared memory); compiled for sm_90 with 256 / 232 / 24 registers
+#: for consumer 0 / consumer 1 / producer, no spills (``bench.linear_lab --compile-ws``).
+CONFIGS = (WsConfig(stages=4), WsConfig(stages=5))
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the tuners offer this kernel for ``x``: on an sm_90 GPU, fp16/bf16 (and
+    :data:`OFFERED`)."""
+    return OFFERED and is_hopper(x.device) and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def kernel_args(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor, cfg: WsConfig, epilogue: str,
+                vec0: torch.Tensor, vec1: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None, gelu: bool = False) -> tuple[tuple, dict, tuple]:
+    """Arguments, compile-time arguments and grid of one launch: x2 [M, K] @ w [N, K]^T into out2
+    [M, N] (contiguous, TMA-aligned, x's dtype), with ``epilogue``'s vectors (see
+    :func:`_consumer`). Tensors may be on the CPU (for an offline sm_90 compile)."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue: expected one of {EPILOGUES}, got {epilogue!r}")
+    M, K = x2.shape
+    N = w.shape[0]
+    gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+
+    def desc(t: torch.Tensor, box: list[int]) -> TensorDescriptor:
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gdt))
+
+    out_box = [cfg.block_m, cfg.block_n]
+    out_desc = desc(out2, out_box)
+    res_desc = desc(residual, out_box) if epilogue == "residual" else out_desc
+    args = (desc(x2, [cfg.block_m, cfg.block_k]), desc(w, [cfg.block_n, cfg.block_k]), out_desc, res_desc,
+            vec0, vec0 if vec1 is None else vec1, vec0 if stats is None else stats, M, N, K)
+    meta = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, EPILOGUE=epilogue, GELU=gelu, num_warps=4, maxnreg=168)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    return args, meta, (min(tiles, num_sms(x2.device)), )
+
+
+def launch(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor, cfg: WsConfig, epilogue: str, vec0: torch.Tensor,
+           vec1: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
+           residual: Optional[torch.Tensor] = None, gelu: bool = False) -> None:
+    """One launch (arguments as :func:`kernel_args`; shapes, dtypes and alignment checked by the
+    calling Triton module) on the current device."""
+    args, meta, grid = kernel_args(x2, w, out2, cfg, epilogue, vec0, vec1, stats, residual, gelu)
+    _matmul_ws_kernel[grid](*args, **meta)
