@@ -6,8 +6,9 @@
 # linear-bf16 / gluon (kernel labs), gluon-anchored / attention-anchored (the anchored softmax
 # against the online one),
 # variant-ab (encoder A/B over attention variant sets), compare (python -m bench.compare),
-# profile (per-kernel time of the encoder), attention-poly (exponentials partly on the FMA
-# units), ncu (Nsight Compute on attention and fc1; NCU_ATTENTION overrides the attention specs),
+# profile (per-kernel time of the encoder), ncu (Nsight Compute on attention and fc1;
+# NCU_ATTENTION overrides the attention specs), matmul-ab (encoder with and without the Gluon
+# matmul), linear-ws (the matmul lab, bf16, without the memory-bound kernels),
 # bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -31,10 +32,11 @@ for step in "$@"; do
     gluon) python3 -m bench.gluon_attention_lab 2>&1 | tee "$OUT/gluon_attention_lab.log" ;;
     gluon-anchored) python3 -m bench.gluon_attention_lab --configs 64x128x3u2 64x128x3u2a 64x64x3u2a 64x64x4a 64x128x3a 2>&1 | tee "$OUT/gluon_attention_lab_anchored.log" ;;
     attention-anchored) python3 -m bench.attention_lab --variants pingpong,pingpong_anchored,tma,tma_anchored --dtypes bf16 --out "$OUT/attention_lab_anchored.json" 2>&1 | tee "$OUT/attention_lab_anchored.log" | tail -30 ;;
+    matmul-ab) python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored --matmul-ab --batch-sizes 8 1 --rounds 2 --reps 20 --out "$OUT/variant_ab_ws.json" 2>&1 | tee "$OUT/variant_ab_ws.log" | tail -6 ;;
+    linear-ws) python3 -m bench.linear_lab --dtypes bf16 --no-memory-bound --out "$OUT/linear_lab_ws.json" 2>&1 | tee "$OUT/linear_lab_ws.log" | tail -12 ;;
     variant-ab) python3 -m bench.variant_ab --out "$OUT/variant_ab.json" 2>&1 | tee "$OUT/variant_ab.log" | tail -8 ;;
     compare) python3 -m bench.compare --out "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     profile) python3 -m bench.profile_encoder --out "$OUT/profile_encoder.json" 2>&1 | tee "$OUT/profile_encoder.log" | tail -40 ;;
-    attention-poly) python3 -m bench.attention_lab --variants pingpong_anchored,pingpong_anchored_poly4,pingpong_anchored_poly8,tma_anchored,tma_anchored_poly4,tma_anchored_poly8 --dtypes bf16 --out "$OUT/attention_lab_poly.json" 2>&1 | tee "$OUT/attention_lab_poly.log" | tail -30 ;;
     ncu)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       NCU_ARGS=(--clock-control none -s 1 -c 1 --section SpeedOfLight --section ComputeWorkloadAnalysis

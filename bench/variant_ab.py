@@ -74,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 timing = time_forward(enc, x, warmup=1, reps=args.reps)  # the untimed first call tunes and captures
                 ms = statistics.median(timing.times_ms)
                 err = rel_err(timing.output.float(), ref)
-                picks = sorted({f"{k[0]}: {v}" for k, v in _TUNED.items()})
+                picks = sorted(f"{k[0]}{tuple(k[1:4])}: {v}" for k, v in _TUNED.items())  # (M or B, N, K or H)
                 name = ",".join(arm) + ((" +ws" if ws else " -ws") if args.matmul_ab else "")
                 row = dict(batch=B, round=rnd, arm=name, ms_per_scan=ms / B, rel_err=err, picks=picks)
                 rows.append(row)

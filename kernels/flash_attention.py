@@ -72,7 +72,6 @@ Head dimension 64 (every Brain-JEPA variant); any H, B, N >= 1.
 from __future__ import annotations
 
 import functools
-import struct
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -130,62 +129,15 @@ def _store_tile(dst, b, row, col, n_rows, stride_n, tile, LOADER: tl.constexpr):
         dst.store([b, row, col], tile.reshape([1, ROWS, _D]))
 
 
-#: Coefficients c0..c4 of 2**f ~ c0 + c1 f + ... + c4 f**4 on [-1/2, 1/2] (a relative-error
-#: minimax fit in float64; 2.7e-6 evaluated in float32, against 2**-9 = 2.0e-3 for the bf16 p it
-#: feeds and 2**-11 for fp16).
-_EXP2_POLY = (0.9999992847442627, 0.6931218504905701, 0.240247443318367, 0.055917806923389435,
-              0.009570068679749966)
-
-
-def _exp2_poly_asm(pack: int) -> str:
-    """PTX for ``pack`` exponentials 2**x of which the last is computed on the FMA units instead
-    of the MUFU (FA3's trick for a MUFU-bound softmax): x clamped to [-126, 129] (NaN -> 129),
-    rounded to the nearest integer j with the 1.5 * 2**23 shift, 2**(x - j) by the polynomial
-    :data:`_EXP2_POLY`, j added to its exponent field. x >= 128.5 and NaN give a non-finite
-    result (the anchored kernel's overflow check then redoes the program); x < -126 gives
-    ~2**-126 instead of a smaller number or 0 (the anchored loop's p are >= 2**-126 only
-    where that does not matter next to its row's largest p, >= 1)."""
-    hexf = lambda v: "0f%08X" % struct.unpack("<I", struct.pack("<f", v))[0]
-    c = [hexf(v) for v in _EXP2_POLY]
-    lines = ["{", ".reg .f32 t, j, f, p;", ".reg .b32 jb, pb;"]
-    lines += [f"ex2.approx.ftz.f32 ${i}, ${pack + i};" for i in range(pack - 1)]
-    lines += [f"min.f32 t, ${2 * pack - 1}, {hexf(129.0)};", f"max.f32 t, t, {hexf(-126.0)};",
-              f"add.rn.f32 j, t, {hexf(12582912.0)};", "mov.b32 jb, j;",
-              f"sub.rn.f32 j, j, {hexf(12582912.0)};", "sub.rn.f32 f, t, j;",
-              f"fma.rn.f32 p, f, {c[4]}, {c[3]};", f"fma.rn.f32 p, p, f, {c[2]};",
-              f"fma.rn.f32 p, p, f, {c[1]};", f"fma.rn.f32 p, p, f, {c[0]};",
-              "mov.b32 pb, p;", "shl.b32 jb, jb, 23;", f"add.s32 ${pack - 1}, pb, jb;", "}"]
-    return "\n".join(lines)
-
-
-_EXP2_POLY_4 = tl.constexpr(_exp2_poly_asm(4))
-_EXP2_POLY_8 = tl.constexpr(_exp2_poly_asm(8))
-
-
 @triton.jit
-def _exp2(x, POLY: tl.constexpr):
-    """2**x (fp32) elementwise: all on the MUFU (``POLY`` 0), or one of every ``POLY`` (4 or 8)
-    on the FMA units (:func:`_exp2_poly_asm`)."""
-    if POLY == 4:
-        return tl.inline_asm_elementwise(_EXP2_POLY_4, "=r,=r,=r,=r,r,r,r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=4)
-    elif POLY == 8:
-        return tl.inline_asm_elementwise(_EXP2_POLY_8, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r", [x],
-                                         dtype=tl.float32, is_pure=True, pack=8)
-    else:
-        return tl.math.exp2(x)
-
-
-@triton.jit
-def _attend(q, k_t, v, m_i, l_i, acc, qk_scale, start, N, MASKED: tl.constexpr, ANCHORED: tl.constexpr = False,
-            POLY: tl.constexpr = 0):
+def _attend(q, k_t, v, m_i, l_i, acc, qk_scale, start, N, MASKED: tl.constexpr, ANCHORED: tl.constexpr = False):
     """One online-softmax step of a query tile over one key block.
 
     q [BM, D], k_t [D, BN], v [BN, D] (input dtype); m_i [BM] running max of the scaled scores in
     log2 units, l_i [BM] running sum of p, acc [BM, D] running p @ v (all fp32). MASKED: key
     columns ``start + j >= N`` get p = 0. ANCHORED: keep m_i (the anchor) instead of raising it to
     this block's max, so no row max, no rescaling; p may exceed 1 (see :func:`_attend_keys`).
-    POLY: :func:`_exp2`'s share of exponentials on the FMA units. Returns the updated (m_i, l_i, acc).
+    Returns the updated (m_i, l_i, acc).
     """
     s = tl.dot(q, k_t, input_precision=_F32_PRECISION)
     if MASKED:
@@ -198,7 +150,7 @@ def _attend(q, k_t, v, m_i, l_i, acc, qk_scale, start, N, MASKED: tl.constexpr, 
         alpha = tl.math.exp2(m_i - m_new)
         acc = acc * alpha[:, None]
         l_i = l_i * alpha
-    p = _exp2(s * qk_scale - m_new[:, None], POLY)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i += tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=_F32_PRECISION)
     return m_new, l_i, acc
@@ -207,7 +159,7 @@ def _attend(q, k_t, v, m_i, l_i, acc, qk_scale, start, N, MASKED: tl.constexpr, 
 @triton.jit
 def _attend_keys(q0, q1, kv_in, b, k_col, v_col, qk_scale, N, stride_n,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr,
-                 ANCHORED: tl.constexpr, POLY: tl.constexpr):
+                 ANCHORED: tl.constexpr):
     """(l0, acc0, l1, acc1): the row sums and unnormalised outputs of query tiles q0 and q1 (q1
     only if SPLIT == 2, else unused) over all N keys; out = acc / l.
 
@@ -239,9 +191,9 @@ def _attend_keys(q0, q1, kv_in, b, k_col, v_col, qk_scale, N, stride_n,
     for start in tl.range(lo, n_main, BLOCK_N):
         k = _load_tile(kv_in, b, start, k_col, N, stride_n, BLOCK_N, LOADER, False)
         v = _load_tile(kv_in, b, start, v_col, N, stride_n, BLOCK_N, LOADER, False)
-        m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, start, N, False, ANCHORED, POLY)
+        m0, l0, acc0 = _attend(q0, k.T, v, m0, l0, acc0, qk_scale, start, N, False, ANCHORED)
         if SPLIT == 2:
-            m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, start, N, False, ANCHORED, POLY)
+            m1, l1, acc1 = _attend(q1, k.T, v, m1, l1, acc1, qk_scale, start, N, False, ANCHORED)
     if n_main < N:
         k = _load_tile(kv_in, b, n_main, k_col, N, stride_n, BLOCK_N, LOADER, True)
         v = _load_tile(kv_in, b, n_main, v_col, N, stride_n, BLOCK_N, LOADER, True)
@@ -262,7 +214,7 @@ def _overflowed(l_i, acc):
 def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
               stride_b, stride_n, stride_ob, stride_on,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr,
-              ANCHORED: tl.constexpr, POLY: tl.constexpr = 0):
+              ANCHORED: tl.constexpr):
     """Attention of ``qkv`` [B, N, 3, H, D] into ``out`` [B, N, H*D].
 
     LOADER "ptr": ``q_src`` = ``kv_src`` = qkv (batch stride ``stride_b``, token stride
@@ -298,14 +250,14 @@ def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
     if SPLIT == 2:
         q1 = _load_tile(q_in, b, row0 + BLOCK_M, q_col, N, stride_n, BLOCK_M, LOADER, True)
     l0, acc0, l1, acc1 = _attend_keys(q0, q1, kv_in, b, k_col, v_col, qk_scale, N, stride_n,
-                                      BLOCK_M, BLOCK_N, SPLIT, LOADER, ANCHORED, POLY)
+                                      BLOCK_M, BLOCK_N, SPLIT, LOADER, ANCHORED)
     if ANCHORED:
         bad = _overflowed(l0, acc0)
         if SPLIT == 2:
             bad += _overflowed(l1, acc1)
         if bad > 0:  # a key scored far above the anchor (or NaN inputs): redo with the running max
             l0, acc0, l1, acc1 = _attend_keys(q0, q1, kv_in, b, k_col, v_col, qk_scale, N, stride_n,
-                                              BLOCK_M, BLOCK_N, SPLIT, LOADER, False, 0)
+                                              BLOCK_M, BLOCK_N, SPLIT, LOADER, False)
 
     out_dtype = q0.dtype
     _store_tile(o_out, b, row0, q_col, N, stride_on, (acc0 * (1.0 / l0)[:, None]).to(out_dtype), LOADER)
@@ -343,13 +295,10 @@ class Variant:
     configs: tuple[AttnConfig, ...]
     configs_fp32: tuple[AttnConfig, ...]
     anchored: bool = False
-    exp_poly: int = 0
 
     def meta(self) -> dict:
-        """Compile-time arguments of :func:`_attn_fwd` (besides the block sizes). ``exp_poly``
-        (0, 4 or 8, see :func:`_exp2`) is PTX, so the interpreter runs such variants all-MUFU."""
-        return dict(SPLIT=self.split, LOADER=self.loader, ANCHORED=self.anchored,
-                    POLY=0 if INTERPRET else self.exp_poly)
+        """Compile-time arguments of :func:`_attn_fwd` (besides the block sizes)."""
+        return dict(SPLIT=self.split, LOADER=self.loader, ANCHORED=self.anchored)
 
     def configs_for(self, dtype: torch.dtype) -> tuple[AttnConfig, ...]:
         return self.configs_fp32 if dtype == torch.float32 else self.configs
@@ -396,15 +345,6 @@ VARIANTS: dict[str, Variant] = {
                             configs_fp32=(AttnConfig(128, 64, 8, 2), AttnConfig(64, 64, 4, 2)), anchored=True),
     "pingpong_anchored": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3, maxnreg=168),),
                                  configs_fp32=(AttnConfig(64, 32, 4, 2),), anchored=True),
-    # Lab (session 7): the anchored loop with one exponential in 4 or 8 on the FMA units.
-    "pingpong_anchored_poly4": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3, maxnreg=168),),
-                                       configs_fp32=(AttnConfig(64, 32, 4, 2),), anchored=True, exp_poly=4),
-    "pingpong_anchored_poly8": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3, maxnreg=168),),
-                                       configs_fp32=(AttnConfig(64, 32, 4, 2),), anchored=True, exp_poly=8),
-    "tma_anchored_poly4": Variant("tma", 1, configs=(AttnConfig(128, 64, 8, 3), AttnConfig(128, 64, 4, 3)),
-                                  configs_fp32=(AttnConfig(128, 64, 8, 2),), anchored=True, exp_poly=4),
-    "tma_anchored_poly8": Variant("tma", 1, configs=(AttnConfig(128, 64, 8, 3), AttnConfig(128, 64, 4, 3)),
-                                  configs_fp32=(AttnConfig(128, 64, 8, 2),), anchored=True, exp_poly=8),
 }
 
 #: Variants whose configurations :func:`flash_attention` tunes over unless told one variant.

@@ -24,10 +24,13 @@ grows like |mean| / std of a row.
 Schedule (see :class:`kernels._runtime.MatmulConfig`): persistent grid of one program per SM
 walking output tiles in grouped order, host-side tensor descriptors for x, W' and the output,
 software-pipelined K loop, optionally subtiled epilogue.
+
+On Hopper (fp16/bf16) the tuner also tries :mod:`kernels.matmul_hopper`, a warp-specialized
+Gluon kernel with the same epilogue that overlaps it with the next tile's main loop.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Hashable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +175,7 @@ def _check_folded(folded: FoldedLinear, K: int, dtype: torch.dtype, device: torc
 def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: Optional[str] = None,
                             eps: float = 1e-6, stats: Optional[torch.Tensor] = None,
                             out: Optional[torch.Tensor] = None, *,
-                            configs: Optional[Sequence[MatmulConfig]] = None) -> torch.Tensor:
+                            configs: Optional[Sequence[Hashable]] = None) -> torch.Tensor:
     """``act(LayerNorm(x) @ W^T + b)`` with the LayerNorm folded into ``folded`` (the hot path).
 
     x: [..., K] contiguous, fp32/fp16/bf16, dtype of ``folded.weight`` [N, K]; K * itemsize and
@@ -201,7 +204,7 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
         stats = row_stats(x2, eps)
     check_out(stats, (M, 2), torch.float32, x.device, "stats")
 
-    def launch(cfg) -> None:
+    def launch(cfg: Hashable) -> None:
         if not isinstance(cfg, MatmulConfig):
             hopper_module().launch(x2, folded.weight, out2, cfg, "layernorm", folded.colsum, folded.bias, stats,
                                    gelu=activation == "gelu")

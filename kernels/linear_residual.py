@@ -5,6 +5,9 @@ The main loop is the same persistent TMA matmul as :mod:`kernels.layernorm_linea
 configurations, tuner and tile order from :mod:`kernels._runtime`, see
 :class:`kernels._runtime.MatmulConfig`); the epilogue loads the residual tile through its own
 tensor descriptor, adds it and the bias in float32 and stores the tile.
+On Hopper (fp16/bf16, residual in x's dtype) the tuner also tries :mod:`kernels.matmul_hopper`,
+a warp-specialized Gluon kernel with the same epilogue that overlaps it with the next tile's
+main loop.
 
 In-place update: ``out`` may be ``residual`` itself (``h = linear_residual(x, w, b, h, out=h)``).
 Every output tile is produced by exactly one program, which loads that tile's residual before
@@ -14,7 +17,7 @@ overlap ``residual``, ``x`` or ``w``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +73,7 @@ def _linear_residual_kernel(x_desc, w_desc, res_desc, out_desc, bias_ptr, M, N, 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual: torch.Tensor,
                     out: Optional[torch.Tensor] = None, *,
-                    configs: Optional[Sequence[MatmulConfig]] = None) -> torch.Tensor:
+                    configs: Optional[Sequence[Hashable]] = None) -> torch.Tensor:
     """``residual + x @ w^T + b`` with float32 accumulation.
 
     x: [..., K] contiguous, fp32 (3xTF32 dots)/fp16/bf16; w: [N, K] (``nn.Linear`` layout) in
@@ -106,7 +109,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
     check_tma_matrix(res2, "residual")
     check_tma_matrix(out2, "out")
 
-    def launch(cfg, dst: torch.Tensor) -> None:
+    def launch(cfg: Hashable, dst: torch.Tensor) -> None:
         if not isinstance(cfg, MatmulConfig):
             hopper_module().launch(x2, w, dst, cfg, "residual", b, residual=res2)
             return
@@ -115,7 +118,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
         _linear_residual_kernel[(programs,)](x_desc, w_desc, res_desc, out_desc, b, M, N, K, programs,
                                              **cfg.meta())
 
-    def make_runner() -> Callable[[MatmulConfig], None]:
+    def make_runner() -> Callable[[Hashable], None]:
         scratch = torch.empty_like(out2)
         return lambda cfg: launch(cfg, scratch)
 

@@ -37,10 +37,14 @@ ahead, which mbarrier parity could not tell apart).
 In-place residual (``out`` is ``residual``): each tile's residual is read into shared memory
 before the same program writes that tile, and no other program touches it.
 
-Measured (H100 80GB HBM3, bf16, CUDA-graph replay, 2026-11-27, ``bench/linear_lab``, first
-version: layernorm epilogue only, vectors loaded after the main loop): fc1 [36000 x 768 ->
-3072] 501.9 TFLOP/s against 454.7 for the tuned Triton kernel, qkv 553.4 against 559.2; one scan
-(M = 4500): fc1 433.4 against 417.9, qkv 551.8 against 516.6.
+Measured (H100 80GB HBM3, bf16, CUDA-graph replay, TFLOP/s against the tuned Triton kernel's best
+in the same run, 2026-11-27, ``bench/linear_lab``, ``bench/results/2026-11-27-h100-ws/labs/``):
+at B=8 (M = 36000) qkv 595.7 against 557.0, fc1 489.3 against 448.6, proj 471.8 against 434.8,
+fc2 568.6 against 574.7 (the tuner keeps the Triton kernel); at B=1 qkv 542.4 against 516.6, fc1
+434.4 against 417.9, proj and fc2 no gain. (The first version, with the epilogue's vectors
+loaded after the main loop and the LayerNorm epilogue only: fc1 501.9 against 454.7, qkv 553.4
+against 559.2 at B=8, in the run before.) Encoder bf16 A/B on the same card, two alternating
+rounds: B=8 3.126-3.163 ms per scan with it offered against 3.191-3.194 without.
 """
 from __future__ import annotations
 
