@@ -229,8 +229,9 @@ def summary(lab: Lab) -> None:
 def compile_ws_only() -> list[dict]:
     """sm_90 compile of every Gluon configuration (``kernels.matmul_hopper.CONFIGS``) with the
     epilogue of each encoder matmul at B=8, without a GPU: registers at launch, spills, shared
-    memory, the partitions' ``setmaxnreg`` values, and the SASS counts of wgmma and of waits for
-    them (one per wgmma would mean ptxas serialized them)."""
+    memory, the partitions' ``setmaxnreg`` values, the PTX waits that leave one product in flight
+    (``wait_group 1``), and the SASS counts of wgmma and of waits for them (one per wgmma would
+    mean ptxas serialized them)."""
     import re
     import subprocess
 
@@ -258,7 +259,9 @@ def compile_ws_only() -> list[dict]:
             setmaxnreg = sorted({f"{kind} {n}" for kind, n in re.findall(
                 r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", kernel.asm["ptx"])})
             row = dict(op=op, config=dataclasses.asdict(cfg), smem=kernel.metadata.shared, setmaxnreg=setmaxnreg,
-                       hgmma=sass.count("HGMMA"), depbar=sass.count("WARPGROUP.DEPBAR"), **cubin_usage(kernel))
+                       hgmma=sass.count("HGMMA"), depbar=sass.count("WARPGROUP.DEPBAR"),
+                       ptx_wait1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1;", kernel.asm["ptx"])),
+                       **cubin_usage(kernel))
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

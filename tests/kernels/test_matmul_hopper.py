@@ -34,7 +34,8 @@ def test_compiles_for_hopper_without_spills():
     matmul (``bench.linear_lab --compile-ws``, in a process without the interpreter): no spills, within
     the 227 KB of shared memory, the partitions at 256 / 232 / 24 registers (setmaxnreg), eight
     wgmma per K step in each consumer's loop (a 128-row tile is two m64 instructions per 16-wide
-    K slice), and ptxas did not serialize them (a wait per wgmma would show as one
+    K slice), each consumer's loop keeps one K step's products in flight (``wait_group 1`` in its
+    PTX) and ptxas did not serialize them (a wait per wgmma would show as one
     ``WARPGROUP.DEPBAR`` per ``HGMMA``; each consumer waits once per step and once per tile)."""
     from brainjepa_kernels.matmul_hopper import CONFIGS
 
@@ -47,7 +48,7 @@ def test_compiles_for_hopper_without_spills():
     for row in rows:
         assert row["stack"] == 0 and row["regs"] <= 168 and row["smem"] <= 232448, row
         assert {"inc 256", "inc 232", "dec 24"} <= set(row["setmaxnreg"]), row
-        assert row["hgmma"] == 16 and row["depbar"] <= 4, row
+        assert row["hgmma"] == 16 and row["depbar"] <= 4 and row["ptx_wait1"] == 2, row
 
 
 def test_offered_only_where_it_runs():
