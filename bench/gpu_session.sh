@@ -49,7 +49,10 @@ for step in "$@"; do
       done
       f="$OUT/ncu_fc1.txt"
       timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_ln_linear python3 -m bench.ncu_target fc1 128x256x64s3w8sub > "$f" 2>&1
-      echo "--- fc1"; grep -E "Duration|Throughput|Issue Slots|pipe_(tensor|xu|fma|alu|fmaheavy)|Achieved Occ|Registers" "$f" | head -30 ;;
+      echo "--- fc1"; grep -E "Duration|Throughput|Issue Slots|pipe_(tensor|xu|fma|alu|fmaheavy)|Achieved Occ|Registers" "$f" | head -30
+      f="$OUT/ncu_fc1_ws.txt"
+      timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_matmul_ws python3 -m bench.ncu_target fc1 ws128x128x64s4 > "$f" 2>&1
+      echo "--- fc1 (Gluon)"; grep -E "SM Frequency|Duration|Issue Slots|pipe_(tensor|xu|fma|alu)_cycles|Registers" "$f" | head -20 ;;
     bench) python3 -m pytest -q bench --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac

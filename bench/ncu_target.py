@@ -2,6 +2,7 @@
 
     ncu -k regex:_attn_fwd -s 1 -c 1 ... python -m bench.ncu_target attention pingpong_anchored:64x64w4s3r168
     ncu -k regex:_ln_linear -s 1 -c 1 ... python -m bench.ncu_target fc1 128x256x64s3w8sub
+    ncu -k regex:_matmul_ws -s 1 -c 1 ... python -m bench.ncu_target fc1 ws128x128x64s4
 
 The first launch compiles (skip it with ``-s 1``), the second is the one to profile. Inputs are
 fresh random bf16 tensors of the shapes the encoder runs at B=8 (qkv [8, 4500, 3, 12, 64]; the
@@ -17,10 +18,16 @@ from bench.attention_lab import parse_extra, random_qkv
 from brainjepa_kernels._runtime import MatmulConfig
 from brainjepa_kernels.flash_attention import launch
 from brainjepa_kernels.layernorm_linear import fold_layernorm, layernorm_linear_folded
+from brainjepa_kernels.matmul_hopper import WsConfig
 
 
-def matmul_config(spec: str) -> MatmulConfig:
-    """``BMxBNxBKsSwW[sub]``, e.g. ``128x256x64s3w8sub``."""
+def matmul_config(spec: str):
+    """``BMxBNxBKsSwW[sub]`` (Triton kernel), e.g. ``128x256x64s3w8sub``, or ``wsBMxBNxBKsS``
+    (the Gluon kernel of ``kernels.matmul_hopper``), e.g. ``ws128x128x64s4``."""
+    if spec.startswith("ws"):
+        tile, stages = spec[2:].split("s")
+        bm, bn, bk = map(int, tile.split("x"))
+        return WsConfig(bm, bn, bk, int(stages))
     tile, rest = spec.split("s", 1)
     stages, rest = rest.split("w", 1)
     bm, bn, bk = map(int, tile.split("x"))
