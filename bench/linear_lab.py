@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -233,15 +232,14 @@ def compile_ws_only() -> list[dict]:
     (``wait_group 1``), and the SASS counts of wgmma and of waits for them (one per wgmma would
     mean ptxas serialized them)."""
     import re
-    import subprocess
 
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from bench.attention_lab import compile_sm90, cubin_usage
+    from bench.gluon_attention_lab import sass_waits
     from brainjepa_kernels.matmul_hopper import CONFIGS, _matmul_ws_kernel, kernel_args
 
     rows = []
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     for op, (fused_ln, K, N, activation) in MATMULS.items():
         M = 8 * TOKENS_PER_SCAN
         x, w, out = (torch.empty(*shape, dtype=torch.bfloat16) for shape in ((M, K), (N, K), (M, N)))
@@ -252,16 +250,11 @@ def compile_ws_only() -> list[dict]:
             else:
                 args, meta, _ = kernel_args(x, w, out, cfg, "residual", torch.empty(N), residual=out)
             kernel = compile_sm90(_matmul_ws_kernel, args, meta, GluonASTSource)
-            cubin = Path(f"/tmp/linear_lab_ws_{os.getpid()}.cubin")
-            cubin.write_bytes(kernel.asm["cubin"])
-            sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True).stdout
-            cubin.unlink()
             setmaxnreg = sorted({f"{kind} {n}" for kind, n in re.findall(
                 r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", kernel.asm["ptx"])})
             row = dict(op=op, config=dataclasses.asdict(cfg), smem=kernel.metadata.shared, setmaxnreg=setmaxnreg,
-                       hgmma=sass.count("HGMMA"), depbar=sass.count("WARPGROUP.DEPBAR"),
                        ptx_wait1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1;", kernel.asm["ptx"])),
-                       **cubin_usage(kernel))
+                       **sass_waits(kernel), **cubin_usage(kernel))
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

@@ -48,6 +48,11 @@ def set_arm(enc: bj.Encoder, variants: tuple[str, ...], matmul_ws: bool = True) 
         enc._triton_runner._graphs.clear()
 
 
+def arm_name(arm: tuple[str, ...], ws: bool, matmul_ab: bool) -> str:
+    """The arm's label: its attention variants, plus ``+ws`` / ``-ws`` under ``--matmul-ab``."""
+    return ",".join(arm) + ((" +ws" if ws else " -ws") if matmul_ab else "")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arms", nargs="+", default=["pingpong,tma,overlap", "pingpong,tma"])
@@ -75,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 ms = statistics.median(timing.times_ms)
                 err = rel_err(timing.output.float(), ref)
                 picks = sorted(f"{k[0]}{tuple(k[1:4])}: {v}" for k, v in _TUNED.items())  # (M or B, N, K or H)
-                name = ",".join(arm) + ((" +ws" if ws else " -ws") if args.matmul_ab else "")
+                name = arm_name(arm, ws, args.matmul_ab)
                 row = dict(batch=B, round=rnd, arm=name, ms_per_scan=ms / B, rel_err=err, picks=picks)
                 rows.append(row)
                 attn = [p for p in picks if p.startswith("flash_attention")]
@@ -85,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = {}
     for B in args.batch_sizes:
         for arm, ws in arms:
-            name = ",".join(arm) + ((" +ws" if ws else " -ws") if args.matmul_ab else "")
+            name = arm_name(arm, ws, args.matmul_ab)
             vals = [r["ms_per_scan"] for r in rows if r["batch"] == B and r["arm"] == name]
             summary[f"B={B} {name}"] = dict(median=statistics.median(vals), min=min(vals), max=max(vals))
             print(f"B={B} {name:24s} median {statistics.median(vals):.3f} (min {min(vals):.3f}, max {max(vals):.3f})")
