@@ -112,10 +112,9 @@ def _merge_row_stats(a_buf, mean, m2, k0, K, layout: gl.constexpr):
     a = a_buf.load(layout).to(gl.float32)
     n_b = gl.minimum(K - k0, BLOCK_K).to(gl.float32)
     mean_b = gl.sum(a, axis=1) / n_b
-    d = a - gl.expand_dims(mean_b, 1)
-    # The BLOCK_K - n_b zero-padded columns each add mean_b^2 to the sum of squares: taken back
-    # out rather than masked per element.
-    m2_b = gl.sum(d * d, axis=1) - (BLOCK_K - n_b) * mean_b * mean_b
+    cols = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
+    d = gl.where(gl.expand_dims(cols < K, 0), a - gl.expand_dims(mean_b, 1), 0.0)
+    m2_b = gl.sum(d * d, axis=1)
     n_a = k0.to(gl.float32)
     n = n_a + n_b
     delta = mean_b - mean
@@ -181,10 +180,10 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
             slot = step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
             acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+            if OWN_STATS:  # while the product runs: merge this slot's rows into the statistics
+                run_mean, run_m2 = _merge_row_stats(a_bufs.index(slot), run_mean, run_m2, ki * BLOCK_K, K, a_rows)
             acc = warpgroup_mma_wait(1, deps=(acc, ))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=ki > 0)  # step - 1 retired
-            if OWN_STATS:  # while this step's product runs: merge its slot's rows into the statistics
-                run_mean, run_m2 = _merge_row_stats(a_bufs.index(slot), run_mean, run_m2, ki * BLOCK_K, K, a_rows)
             step += 1
         mbarrier.arrive(turn.index(1 - ROLE))  # the other consumer's main loop may start
         acc = warpgroup_mma_wait(0, deps=(acc, ))
