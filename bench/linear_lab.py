@@ -8,15 +8,13 @@ every variant against the float32 PyTorch reference (relative error, KERNEL_TOL 
 times it as a replayed CUDA graph (``triton.testing.do_bench_cudagraph``, median: kernel time
 without the host's launch cost, as the encoder runs them), on fresh random inputs without zeros:
 
-* ``cfg <tile>``: each candidate of ``kernels._runtime.candidates_for`` (Triton: persistent
-  grid, host TMA descriptors, 128x256 vs 128x128 vs 64x128 tiles, subtiled epilogue, flattened
-  or not; ``ws``: the Gluon kernel on Hopper). LayerNorm ops are timed as the encoder calls
-  them, without given statistics: a Triton configuration runs ``row_stats`` first, the Gluon
-  kernel merges its own in the main loop. ``best`` is what the launcher's tuner would pick.
-* ``given stats`` (LayerNorm ops): each Gluon configuration and the best Triton one with the
-  statistics precomputed (the matmul alone).
-* ``non-persistent``: the best tile with one program per tile (first dtype only, as the next).
+* ``cfg <tile>``: each default candidate of ``kernels._runtime.matmul_candidates`` (persistent
+  grid, host TMA descriptors): 128x256 vs 128x128 vs 64x128 tiles, subtiled epilogue, flattened
+  or not. ``best`` is what the launcher's tuner would pick.
+* ``non-persistent``: the best tile with one program per tile (first dtype only, as the next two).
 * ``device-desc``: the best tile with in-kernel (device-side) descriptors.
+* ``+row_stats`` (LayerNorm ops): the best tile including the ``row_stats`` pass (the op as the
+  encoder calls it without shared statistics).
 * cuBLAS equivalents: ``F.linear`` on a pre-normalised input (the bare GEMM), ``+F.gelu``,
   ``layer_norm+F.linear`` (the unfused op), ``addmm(residual)+bias``.
 
@@ -29,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import math
 import sys
@@ -150,25 +147,18 @@ def bench_matmul(lab: Lab, op: str, batch: int, dtype: torch.dtype, variants: bo
     def measure(variant: str, cfg: MatmulConfig, with_stats: bool = True) -> dict:
         return lab.measure(op, batch, dtype, variant, run(cfg, with_stats), out, ref, flops, "TFLOP/s", cfg)
 
-    # LayerNorm ops as the encoder calls them: statistics not given (row_stats, then a Triton kernel;
-    # or the Gluon kernel merging its own), then given (the matmul alone).
-    rows = {cfg: measure(f"cfg {short(cfg)}", cfg, with_stats=False) for cfg in candidates_for(x)}
+    rows = {cfg: measure(f"cfg {short(cfg)}", cfg) for cfg in candidates_for(x)}
     timed = {cfg: row["ms"] for cfg, row in rows.items() if "ms" in row and row.get("ok")}
     if timed:
         best = min(timed, key=timed.get)
         rows[best]["best"] = True
         lab.save()
         print(f"{'':11s} best: {short(best)}")
-    if fused_ln:
-        given = [cfg for cfg in timed if not isinstance(cfg, MatmulConfig)]
-        triton_timed = [cfg for cfg in timed if isinstance(cfg, MatmulConfig)]
-        if triton_timed:
-            given.append(min(triton_timed, key=timed.get))
-        for cfg in given:
-            measure(f"given stats {short(cfg)}", cfg)
     if timed and variants and isinstance(best, MatmulConfig):
-        measure(f"non-persistent {short(best)}", dataclasses.replace(best, persistent=False), with_stats=False)
-        measure(f"device-desc {short(best)}", dataclasses.replace(best, device_descriptors=True), with_stats=False)
+        measure(f"non-persistent {short(best)}", dataclasses.replace(best, persistent=False))
+        measure(f"device-desc {short(best)}", dataclasses.replace(best, device_descriptors=True))
+        if fused_ln:
+            measure(f"+row_stats {short(best)}", best, with_stats=False)
 
     # cuBLAS equivalents
     if fused_ln:
@@ -238,8 +228,7 @@ def summary(lab: Lab) -> None:
 def compile_ws_only() -> list[dict]:
     """sm_90 compile of every Gluon configuration (``kernels.matmul_hopper.CONFIGS``) with the
     epilogue of each encoder matmul at B=8, without a GPU: registers at launch, spills, shared
-    memory, the partitions' ``setmaxnreg`` values (LayerNorm ops with given and with in-kernel
-    row statistics), the PTX waits that leave one product in flight
+    memory, the partitions' ``setmaxnreg`` values, the PTX waits that leave one product in flight
     (``wait_group 1``), and the SASS counts of wgmma and of waits for them (one per wgmma would
     mean ptxas serialized them)."""
     import re
@@ -254,17 +243,16 @@ def compile_ws_only() -> list[dict]:
     for op, (fused_ln, K, N, activation) in MATMULS.items():
         M = 8 * TOKENS_PER_SCAN
         x, w, out = (torch.empty(*shape, dtype=torch.bfloat16) for shape in ((M, K), (N, K), (M, N)))
-        for cfg, own_stats in itertools.product(CONFIGS, (False, True) if fused_ln else (False,)):
+        for cfg in CONFIGS:
             if fused_ln:
                 args, meta, _ = kernel_args(x, w, out, cfg, "layernorm", torch.empty(N), torch.empty(N),
-                                            None if own_stats else torch.empty(M, 2), gelu=activation == "gelu")
+                                            torch.empty(M, 2), gelu=activation == "gelu")
             else:
                 args, meta, _ = kernel_args(x, w, out, cfg, "residual", torch.empty(N), residual=out)
             kernel = compile_sm90(_matmul_ws_kernel, args, meta, GluonASTSource)
             setmaxnreg = sorted({f"{kind} {n}" for kind, n in re.findall(
                 r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", kernel.asm["ptx"])})
-            row = dict(op=op, config=dataclasses.asdict(cfg), own_stats=own_stats, smem=kernel.metadata.shared,
-                       setmaxnreg=setmaxnreg,
+            row = dict(op=op, config=dataclasses.asdict(cfg), smem=kernel.metadata.shared, setmaxnreg=setmaxnreg,
                        ptx_wait1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1;", kernel.asm["ptx"])),
                        **sass_waits(kernel), **cubin_usage(kernel))
             rows.append(row)

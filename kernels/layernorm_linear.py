@@ -11,10 +11,9 @@ and ``c = rowsum(W')`` in float32, ``c`` taken from the *rounded* ``W'`` so that
 cancels exactly against what the tensor cores multiply. The kernel's main loop is then a plain
 matmul of the raw activations with ``W'`` (TMA loads, wgmma on Hopper: no normalised copy of x in
 memory, no register round trip of the A tile) and the LayerNorm lives in the epilogue,
-``y = rstd * (acc - mean * c) + b'``, with (mean, rstd) per row passed in or, when not, from
-:func:`kernels.layernorm.row_stats` (one extra read of x; the Gluon kernel below instead merges
-them from the A tiles already in shared memory). The epilogue optionally applies the exact erf
-GELU (fc1).
+``y = rstd * (acc - mean * c) + b'``, with (mean, rstd) per row from
+:func:`kernels.layernorm.row_stats` (one extra read of x) or passed in. The epilogue optionally
+applies the exact erf GELU (fc1).
 
 Precision: in fp16/bf16 the products are exact in the fp32 accumulator and the subtraction is
 exact for the rounded ``W'``, so the result is as accurate as ``F.linear`` on a normalised bf16
@@ -182,8 +181,7 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
     x: [..., K] contiguous, fp32/fp16/bf16, dtype of ``folded.weight`` [N, K]; K * itemsize and
     N * itemsize multiples of 16 bytes (TMA). activation: None or ``"gelu"`` (exact erf).
     stats: [M, 2] float32 (mean, rstd) per row of x (M = x.numel() / K), e.g. shared with another
-    consumer; when None, computed with ``eps`` by :func:`row_stats` (Triton configurations, timed
-    with it when tuning) or inside the Gluon kernel's main loop. out: [..., N] in x.dtype,
+    consumer; computed by :func:`row_stats` with ``eps`` when None. out: [..., N] in x.dtype,
     contiguous, not overlapping x. configs: candidate configurations, :class:`MatmulConfig` (the
     Triton kernel) or :class:`kernels.matmul_hopper.WsConfig` (default :func:`candidates_for`);
     the fastest is picked on first use of each shape. Returns ``out``.
@@ -202,25 +200,22 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
         return out
     out2 = out.view(M, N)
     check_tma_matrix(out2, "out")
-    if stats is not None:
-        check_out(stats, (M, 2), torch.float32, x.device, "stats")
+    if stats is None:
+        stats = row_stats(x2, eps)
+    check_out(stats, (M, 2), torch.float32, x.device, "stats")
 
     def launch(cfg: Hashable) -> None:
-        if not isinstance(cfg, MatmulConfig):  # merges the statistics itself when not given
-            hopper = hopper_module()
-            given = row_stats(x2, eps) if stats is None and not hopper.MERGE_STATS else stats
-            hopper.launch(x2, folded.weight, out2, cfg, "layernorm", folded.colsum, folded.bias, given,
-                          gelu=activation == "gelu", eps=eps)
+        if not isinstance(cfg, MatmulConfig):
+            hopper_module().launch(x2, folded.weight, out2, cfg, "layernorm", folded.colsum, folded.bias, stats,
+                                   gelu=activation == "gelu")
             return
         x_desc, w_desc, out_desc = matmul_operands(cfg, x2, folded.weight, out2)
         programs = cfg.num_programs(M, N, x.device)
-        _ln_linear_kernel[(programs,)](x_desc, w_desc, out_desc, row_stats(x2, eps) if stats is None else stats,
-                                       folded.colsum, folded.bias, M, N, K, programs, GELU=activation == "gelu",
-                                       **cfg.meta())
+        _ln_linear_kernel[(programs,)](x_desc, w_desc, out_desc, stats, folded.colsum, folded.bias,
+                                       M, N, K, programs, GELU=activation == "gelu", **cfg.meta())
 
     candidates = tuple(configs) if configs else candidates_for(x)
-    key = ("layernorm_linear", M, N, K, x.dtype, activation, stats is None)
-    launch(select_config(key, candidates, lambda: launch))
+    launch(select_config(("layernorm_linear", M, N, K, x.dtype, activation), candidates, lambda: launch))
     return out
 
 

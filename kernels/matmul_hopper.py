@@ -68,15 +68,11 @@ EPILOGUES = ("layernorm", "residual")
 #: its A/B arms).
 OFFERED = True
 
-#: Whether the LayerNorm epilogue merges the row statistics in its main loop when the caller
-#: gives none (else :func:`kernels.layernorm.row_stats` runs first; ``bench.variant_ab`` A/B).
-MERGE_STATS = True
-
 
 @gluon.jit
 def _producer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar, vec0_ptr,
-              vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
-              OWN_STATS: gl.constexpr, ROLE: gl.constexpr):
+              vec1_ptr, stats_ptr, M, N, K, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
+              ROLE: gl.constexpr):
     """One warp (ROLE 2; the worker partitions share one signature): the K steps of this
     program's tiles (tiles pid, pid + P, ...) into the ring, in order; step t into slot
     t % STAGES once the consumer released the slot's previous use."""
@@ -102,29 +98,9 @@ def _producer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
 
 
 @gluon.jit
-def _merge_row_stats(a_buf, mean, m2, k0, K, layout: gl.constexpr):
-    """Chan et al.'s pairwise update of per-row (mean, M2 = sum of squared deviations) over
-    columns [0, k0) with the A slot ``a_buf`` [BLOCK_M, BLOCK_K] holding columns k0, k0 + 1, ...
-    (zero past K, as TMA pads): the slot's own mean and M2 are exact two-pass values over its
-    min(BLOCK_K, K - k0) valid columns, so no large mean is ever subtracted from a sum of squares.
-    ``mean``, ``m2``: [BLOCK_M] in ``SliceLayout(1, layout)``; returns the updated pair."""
-    BLOCK_K: gl.constexpr = a_buf.shape[1]
-    a = a_buf.load(layout).to(gl.float32)
-    n_b = gl.minimum(K - k0, BLOCK_K).to(gl.float32)
-    mean_b = gl.sum(a, axis=1) / n_b
-    cols = k0 + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, layout))
-    d = gl.where(gl.expand_dims(cols < K, 0), a - gl.expand_dims(mean_b, 1), 0.0)
-    m2_b = gl.sum(d * d, axis=1)
-    n_a = k0.to(gl.float32)
-    n = n_a + n_b
-    delta = mean_b - mean
-    return mean + delta * (n_b / n), m2 + m2_b + delta * delta * (n_a * n_b / n)
-
-
-@gluon.jit
 def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar, vec0_ptr,
-              vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
-              OWN_STATS: gl.constexpr, ROLE: gl.constexpr):
+              vec1_ptr, stats_ptr, M, N, K, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
+              ROLE: gl.constexpr):
     """One warpgroup: tiles ROLE, ROLE + 2, ... of this program's, each a BLOCK_M x BLOCK_N tile
     from the ring, then its epilogue through ``out_bufs[ROLE]``: "layernorm",
     ``act(rstd * (acc - mean * c) + b')`` with vec0 = c, vec1 = b', stats = (mean, rstd); or
@@ -137,8 +113,6 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     rows_of: gl.constexpr = gl.SliceLayout(1, mma)
     cols_of: gl.constexpr = gl.SliceLayout(0, mma)
-    # OWN_STATS: each thread reads one row of every A slot (BLOCK_K values) from shared memory.
-    a_rows: gl.constexpr = gl.BlockedLayout([1, BLOCK_K], [32, 1], [4, 1], [1, 0])
     out_buf = out_bufs.index(ROLE)
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
@@ -151,18 +125,15 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
         pid_m, pid_n = grouped_tile(pid + i * programs, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        # The epilogue's inputs, requested now so that their latency hides behind the main loop
-        # (with OWN_STATS the vectors' 64 registers a thread are needed by the statistics: after it).
+        # The epilogue's inputs, requested now so that their latency hides behind the main loop.
         cols = off_n + gl.arange(0, BLOCK_N, layout=cols_of)
-        if not OWN_STATS:
-            vec0 = gl.load(vec0_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+        vec0 = gl.load(vec0_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
         tma.store_wait(0)  # this consumer's previous tile has left out_buf
         if EPILOGUE == "layernorm":
-            if not OWN_STATS:
-                rows = off_m + gl.arange(0, BLOCK_M, layout=rows_of)
-                mean = gl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
-                rstd = gl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
-                vec1 = gl.load(vec1_ptr + cols, mask=cols < N, other=0.0)
+            rows = off_m + gl.arange(0, BLOCK_M, layout=rows_of)
+            mean = gl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
+            rstd = gl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
+            vec1 = gl.load(vec1_ptr + cols, mask=cols < N, other=0.0)
         else:
             mbarrier.expect(res_bar.index(ROLE), res_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(res_desc, [off_m, off_n], res_bar.index(ROLE), out_buf)
@@ -172,16 +143,11 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
         else:
             mbarrier.wait(turn.index(1), j & 1)
         acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma)
-        if OWN_STATS:
-            run_mean = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, a_rows))
-            run_m2 = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, a_rows))
         step = i * k_steps
         for ki in range(k_steps):
             slot = step % STAGES
             mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
             acc = warpgroup_mma(a_bufs.index(slot), b_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-            if OWN_STATS:  # while the product runs: merge this slot's rows into the statistics
-                run_mean, run_m2 = _merge_row_stats(a_bufs.index(slot), run_mean, run_m2, ki * BLOCK_K, K, a_rows)
             acc = warpgroup_mma_wait(1, deps=(acc, ))
             mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES), pred=ki > 0)  # step - 1 retired
             step += 1
@@ -190,11 +156,6 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
         mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
 
         if EPILOGUE == "layernorm":
-            if OWN_STATS:
-                vec0 = gl.load(vec0_ptr + cols, mask=cols < N, other=0.0)
-                vec1 = gl.load(vec1_ptr + cols, mask=cols < N, other=0.0)
-                mean = gl.convert_layout(run_mean, rows_of)
-                rstd = gl.convert_layout(gl.rsqrt(run_m2 / K + eps), rows_of)
             y = gl.expand_dims(rstd, 1) * (acc - gl.expand_dims(mean, 1) * gl.expand_dims(vec0, 0)) \
                 + gl.expand_dims(vec1, 0)
             if GELU:
@@ -209,9 +170,8 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
 
 
 @gluon.jit(do_not_specialize=["M"])
-def _matmul_ws_kernel(x_desc, w_desc, out_desc, res_desc, vec0_ptr, vec1_ptr, stats_ptr, M, N, K, eps,
-                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
-                      OWN_STATS: gl.constexpr):
+def _matmul_ws_kernel(x_desc, w_desc, out_desc, res_desc, vec0_ptr, vec1_ptr, stats_ptr, M, N, K,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr):
     """Persistent program (one per SM): see the module docstring. x_desc [M, K] in BLOCK_M x
     BLOCK_K boxes, w_desc [N, K] in BLOCK_N x BLOCK_K boxes, out_desc and res_desc [M, N] in
     BLOCK_M x BLOCK_N boxes (res_desc: any descriptor of that box for "layernorm"); vec0, vec1
@@ -233,11 +193,11 @@ def _matmul_ws_kernel(x_desc, w_desc, out_desc, res_desc, vec0_ptr, vec1_ptr, st
     # (Tuples built inline: Gluon 3.6 rejects a tuple variable extended with `+` here.)
     gl.warp_specialize([
         (_consumer, (x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar,
-                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M, EPILOGUE, GELU, OWN_STATS, 0)),
+                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, GROUP_M, EPILOGUE, GELU, 0)),
         (_consumer, (x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar,
-                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M, EPILOGUE, GELU, OWN_STATS, 1)),
+                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, GROUP_M, EPILOGUE, GELU, 1)),
         (_producer, (x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar,
-                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M, EPILOGUE, GELU, OWN_STATS, 2)),
+                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, GROUP_M, EPILOGUE, GELU, 2)),
     ], [4, 1], [232, 24])
 
 
@@ -268,12 +228,10 @@ def supports(x: torch.Tensor) -> bool:
 
 def kernel_args(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor, cfg: WsConfig, epilogue: str,
                 vec0: torch.Tensor, vec1: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
-                residual: Optional[torch.Tensor] = None, gelu: bool = False,
-                eps: float = 1e-6) -> tuple[tuple, dict, tuple]:
+                residual: Optional[torch.Tensor] = None, gelu: bool = False) -> tuple[tuple, dict, tuple]:
     """Arguments, compile-time arguments and grid of one launch: x2 [M, K] @ w [N, K]^T into out2
     [M, N] (contiguous, TMA-aligned, x's dtype), with ``epilogue``'s vectors (see
-    :func:`_consumer`); for "layernorm" without ``stats`` the kernel computes each row's
-    statistics itself (variance + ``eps``). Tensors may be on the CPU (for an offline sm_90 compile)."""
+    :func:`_consumer`). Tensors may be on the CPU (for an offline sm_90 compile)."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue: expected one of {EPILOGUES}, got {epilogue!r}")
     M, K = x2.shape
@@ -287,17 +245,16 @@ def kernel_args(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor, cfg: WsCo
     out_desc = desc(out2, out_box)
     res_desc = desc(residual, out_box) if epilogue == "residual" else out_desc
     args = (desc(x2, [cfg.block_m, cfg.block_k]), desc(w, [cfg.block_n, cfg.block_k]), out_desc, res_desc,
-            vec0, vec0 if vec1 is None else vec1, vec0 if stats is None else stats, M, N, K, eps)
-    meta = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, EPILOGUE=epilogue, GELU=gelu,
-                OWN_STATS=epilogue == "layernorm" and stats is None, num_warps=4, maxnreg=168)
+            vec0, vec0 if vec1 is None else vec1, vec0 if stats is None else stats, M, N, K)
+    meta = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, EPILOGUE=epilogue, GELU=gelu, num_warps=4, maxnreg=168)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     return args, meta, (min(tiles, num_sms(x2.device)), )
 
 
 def launch(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor, cfg: WsConfig, epilogue: str, vec0: torch.Tensor,
            vec1: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
-           residual: Optional[torch.Tensor] = None, gelu: bool = False, eps: float = 1e-6) -> None:
+           residual: Optional[torch.Tensor] = None, gelu: bool = False) -> None:
     """One launch (arguments as :func:`kernel_args`; shapes, dtypes and alignment checked by the
     calling Triton module) on the current device."""
-    args, meta, grid = kernel_args(x2, w, out2, cfg, epilogue, vec0, vec1, stats, residual, gelu, eps)
+    args, meta, grid = kernel_args(x2, w, out2, cfg, epilogue, vec0, vec1, stats, residual, gelu)
     _matmul_ws_kernel[grid](*args, **meta)
