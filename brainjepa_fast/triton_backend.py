@@ -127,11 +127,16 @@ class TritonRunner:
         B, N, D = tokens.shape
         h = tokens.view(B * N, D)
         for blk in plan.blocks:
+            # Each intermediate is dropped after its last use, so that the allocator can reuse
+            # qkv's and the attention output's memory for fc1's wider output.
             qkv = layernorm_linear_folded(h, blk.qkv)
             attn = flash_attention(qkv.view(B, N, 3, num_heads, D // num_heads))
+            del qkv
             linear_residual(attn.view(B * N, D), blk.proj_w, blk.proj_b, h, out=h)
+            del attn
             hidden = layernorm_linear_folded(h, blk.fc1, activation="gelu")
             linear_residual(hidden, blk.fc2_w, blk.fc2_b, h, out=h)
+            del hidden
         return layernorm(h, plan.norm_w, plan.norm_b).view(B, N, D)
 
     def __call__(self, enc: "Encoder", x: torch.Tensor, n_t: int) -> torch.Tensor:
