@@ -7,8 +7,9 @@
 # against the online one),
 # variant-ab (encoder A/B over attention variant sets), compare (python -m bench.compare),
 # profile (per-kernel time of the encoder), ncu (Nsight Compute on attention and fc1;
-# NCU_ATTENTION overrides the attention specs), matmul-ab (encoder with and without the Gluon
-# matmul), linear-ws (the matmul lab, bf16, without the memory-bound kernels),
+# NCU_ATTENTION overrides the attention specs), matmul-ab (encoder with the Gluon matmul passing
+# chunk statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16, without
+# the memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU tests),
 # bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -28,11 +29,12 @@ for step in "$@"; do
     attention) python3 -m bench.attention_lab --out "$OUT/attention_lab.json" 2>&1 | tee "$OUT/attention_lab.log" | tail -40 ;;
     linear) python3 -m bench.linear_lab --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -40 ;;
     linear-bf16) python3 -m bench.linear_lab --dtypes bf16 --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -30 ;;
+    tests-ws) python3 -m pytest -q -m gpu -rA tests/kernels/test_matmul_hopper.py tests/test_triton_encoder.py 2>&1 | tee "$OUT/gpu_tests_ws.log" | grep -E "passed|failed|FAIL|vs given|chunk M2|encoder triton|peak" ;;
     tests-flash) python3 -m pytest -q -rA tests/kernels/test_flash_attention.py tests/kernels/test_flash_attention_hopper.py 2>&1 | tee "$OUT/gpu_tests_flash.log" | grep -E "passed|failed|FAIL" ;;
     gluon) python3 -m bench.gluon_attention_lab 2>&1 | tee "$OUT/gluon_attention_lab.log" ;;
     gluon-anchored) python3 -m bench.gluon_attention_lab --configs 64x128x3u2 64x128x3u2a 64x64x3u2a 64x64x4a 64x128x3a 2>&1 | tee "$OUT/gluon_attention_lab_anchored.log" ;;
     attention-anchored) python3 -m bench.attention_lab --variants pingpong,pingpong_anchored,tma,tma_anchored --dtypes bf16 --out "$OUT/attention_lab_anchored.json" 2>&1 | tee "$OUT/attention_lab_anchored.log" | tail -30 ;;
-    matmul-ab) python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored --matmul-ab --batch-sizes 8 1 --rounds 2 --reps 20 --out "$OUT/variant_ab_ws.json" 2>&1 | tee "$OUT/variant_ab_ws.log" | tail -6 ;;
+    matmul-ab) python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored --matmul-arms ws ws-rowstats triton --batch-sizes 8 1 --rounds 2 --reps 20 --out "$OUT/variant_ab_ws.json" 2>&1 | tee "$OUT/variant_ab_ws.log" | tail -6 ;;
     linear-ws) python3 -m bench.linear_lab --dtypes bf16 --no-memory-bound --out "$OUT/linear_lab_ws.json" 2>&1 | tee "$OUT/linear_lab_ws.log" | tail -12 ;;
     variant-ab) python3 -m bench.variant_ab --out "$OUT/variant_ab.json" 2>&1 | tee "$OUT/variant_ab.log" | tail -8 ;;
     compare) python3 -m bench.compare --out "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;

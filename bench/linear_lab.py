@@ -13,8 +13,10 @@ without the host's launch cost, as the encoder runs them), on fresh random input
   or not. ``best`` is what the launcher's tuner would pick.
 * ``non-persistent``: the best tile with one program per tile (first dtype only, as the next two).
 * ``device-desc``: the best tile with in-kernel (device-side) descriptors.
-* ``+row_stats`` (LayerNorm ops): the best tile including the ``row_stats`` pass (the op as the
-  encoder calls it without shared statistics).
+* ``+row_stats`` (LayerNorm ops): the best configuration including the ``row_stats`` pass (the
+  op as the encoder calls it without shared statistics: the first qkv, and all off Hopper).
+* ``chunk stats`` (Gluon configurations): LayerNorm ops merging given chunk statistics instead
+  of reading (mean, rstd); residual ops also writing them (the encoder's path on Hopper).
 * cuBLAS equivalents: ``F.linear`` on a pre-normalised input (the bare GEMM), ``+F.gelu``,
   ``layer_norm+F.linear`` (the unfused op), ``addmm(residual)+bias``.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -39,7 +42,8 @@ import torch.nn.functional as F
 import triton
 
 from brainjepa_kernels._runtime import MatmulConfig, candidates_for
-from brainjepa_kernels.layernorm import layernorm, layernorm_reference, row_stats, row_stats_reference
+from brainjepa_kernels.layernorm import (STATS_CHUNK, chunk_stats_reference, layernorm, layernorm_reference, row_stats,
+                                        row_stats_reference)
 from brainjepa_kernels.layernorm_linear import fold_layernorm, layernorm_linear_folded, layernorm_linear_reference
 from brainjepa_kernels.linear_residual import linear_residual, linear_residual_reference
 from brainjepa_kernels.patch_embed import patch_embed, patch_embed_reference
@@ -133,19 +137,22 @@ def bench_matmul(lab: Lab, op: str, batch: int, dtype: torch.dtype, variants: bo
     if fused_ln:
         folded = fold_layernorm(ln_w, ln_b, w, b)
         stats = row_stats(x)
+        chunks = chunk_stats_reference(x)
         ref = layernorm_linear_reference(x.float(), ln_w.float(), ln_b.float(), w.float(), b.float(), act)
 
-        def run(cfg: MatmulConfig, with_stats: bool = True) -> Callable[[], object]:
-            return lambda: layernorm_linear_folded(x, folded, act, stats=stats if with_stats else None, out=out,
-                                                   configs=[cfg])
+        def run(cfg: MatmulConfig, mode: str = "given") -> Callable[[], object]:
+            given = dict(given=dict(stats=stats), row_stats={}, chunks=dict(chunk_stats=chunks))[mode]
+            return lambda: layernorm_linear_folded(x, folded, act, out=out, configs=[cfg], **given)
     else:
         ref = linear_residual_reference(x.float(), w.float(), b.float(), residual.float())
+        chunks = torch.empty(M, triton.cdiv(N, STATS_CHUNK), 2, device="cuda")
 
-        def run(cfg: MatmulConfig, with_stats: bool = True) -> Callable[[], object]:
-            return lambda: linear_residual(x, w, b, residual, out=out, configs=[cfg])
+        def run(cfg: MatmulConfig, mode: str = "given") -> Callable[[], object]:
+            written = dict(chunk_stats=chunks) if mode == "chunks" else {}
+            return lambda: linear_residual(x, w, b, residual, out=out, configs=[cfg], **written)
 
-    def measure(variant: str, cfg: MatmulConfig, with_stats: bool = True) -> dict:
-        return lab.measure(op, batch, dtype, variant, run(cfg, with_stats), out, ref, flops, "TFLOP/s", cfg)
+    def measure(variant: str, cfg: MatmulConfig, mode: str = "given") -> dict:
+        return lab.measure(op, batch, dtype, variant, run(cfg, mode), out, ref, flops, "TFLOP/s", cfg)
 
     rows = {cfg: measure(f"cfg {short(cfg)}", cfg) for cfg in candidates_for(x)}
     timed = {cfg: row["ms"] for cfg, row in rows.items() if "ms" in row and row.get("ok")}
@@ -154,11 +161,13 @@ def bench_matmul(lab: Lab, op: str, batch: int, dtype: torch.dtype, variants: bo
         rows[best]["best"] = True
         lab.save()
         print(f"{'':11s} best: {short(best)}")
+    for cfg in [c for c in timed if not isinstance(c, MatmulConfig)]:
+        measure(f"chunk stats {short(cfg)}", cfg, "chunks")
     if timed and variants and isinstance(best, MatmulConfig):
         measure(f"non-persistent {short(best)}", dataclasses.replace(best, persistent=False))
         measure(f"device-desc {short(best)}", dataclasses.replace(best, device_descriptors=True))
-        if fused_ln:
-            measure(f"+row_stats {short(best)}", best, with_stats=False)
+    if timed and fused_ln:
+        measure(f"+row_stats {short(best)}", best, "row_stats")
 
     # cuBLAS equivalents
     if fused_ln:
@@ -227,8 +236,9 @@ def summary(lab: Lab) -> None:
 
 def compile_ws_only() -> list[dict]:
     """sm_90 compile of every Gluon configuration (``kernels.matmul_hopper.CONFIGS``) with the
-    epilogue of each encoder matmul at B=8, without a GPU: registers at launch, spills, shared
-    memory, the partitions' ``setmaxnreg`` values, the PTX waits that leave one product in flight
+    epilogue of each encoder matmul at B=8, with and without chunk statistics (merged by the
+    LayerNorm epilogue, written by the residual one), without a GPU: registers at launch, spills,
+    shared memory, the partitions' ``setmaxnreg`` values, the PTX waits that leave one product in flight
     (``wait_group 1``), and the SASS counts of wgmma and of waits for them (one per wgmma would
     mean ptxas serialized them)."""
     import re
@@ -237,22 +247,27 @@ def compile_ws_only() -> list[dict]:
 
     from bench.attention_lab import compile_sm90, cubin_usage
     from bench.gluon_attention_lab import sass_waits
+    from brainjepa_kernels.layernorm import STATS_CHUNK
     from brainjepa_kernels.matmul_hopper import CONFIGS, _matmul_ws_kernel, kernel_args
 
     rows = []
     for op, (fused_ln, K, N, activation) in MATMULS.items():
         M = 8 * TOKENS_PER_SCAN
         x, w, out = (torch.empty(*shape, dtype=torch.bfloat16) for shape in ((M, K), (N, K), (M, N)))
-        for cfg in CONFIGS:
+        for cfg, chunked in itertools.product(CONFIGS, (False, True)):
+            chunks = torch.empty(M, triton.cdiv(K if fused_ln else N, STATS_CHUNK), 2) if chunked else None
             if fused_ln:
                 args, meta, _ = kernel_args(x, w, out, cfg, "layernorm", torch.empty(N), torch.empty(N),
-                                            torch.empty(M, 2), gelu=activation == "gelu")
+                                            None if chunked else torch.empty(M, 2), gelu=activation == "gelu",
+                                            chunk_stats=chunks)
             else:
-                args, meta, _ = kernel_args(x, w, out, cfg, "residual", torch.empty(N), residual=out)
+                args, meta, _ = kernel_args(x, w, out, cfg, "residual", torch.empty(N), residual=out,
+                                            chunk_stats=chunks)
             kernel = compile_sm90(_matmul_ws_kernel, args, meta, GluonASTSource)
             setmaxnreg = sorted({f"{kind} {n}" for kind, n in re.findall(
                 r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", kernel.asm["ptx"])})
-            row = dict(op=op, config=dataclasses.asdict(cfg), smem=kernel.metadata.shared, setmaxnreg=setmaxnreg,
+            row = dict(op=op, config=dataclasses.asdict(cfg), chunk_stats=chunked, smem=kernel.metadata.shared,
+                       setmaxnreg=setmaxnreg,
                        ptx_wait1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1;", kernel.asm["ptx"])),
                        **sass_waits(kernel), **cubin_usage(kernel))
             rows.append(row)

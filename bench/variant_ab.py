@@ -1,12 +1,14 @@
 """A/B of the Triton encoder with different sets of attention variants to tune over (GPU).
 
     python -m bench.variant_ab [--arms pingpong,tma,overlap pingpong,tma] [--batch-sizes 1 8]
-                               [--rounds 3] [--reps 30] [--matmul-ab] [--out PATH]
+                               [--rounds 3] [--reps 30] [--matmul-arms ws ws-rowstats triton] [--out PATH]
 
 One bf16 vit_base encoder on a seeded random checkpoint; each arm sets
 ``flash_attention.DEFAULT_VARIANTS`` and ``DEFAULT_GLUON_VARIANTS`` (the Gluon ones of the arm),
-with ``--matmul-ab`` each arm runs twice, with and without the Gluon matmul
-(``kernels.matmul_hopper.OFFERED``; labels ``+ws`` / ``-ws``), forgets the tuners' picks and
+with several ``--matmul-arms`` each arm runs once per matmul arm (:data:`MATMUL_ARMS`): ``ws``
+(the Gluon matmul offered, passing LayerNorm statistics in chunks), ``ws-rowstats`` (offered,
+statistics from ``row_stats``: ``brainjepa_fast.triton_backend.CHUNK_STATS``), ``triton`` (not
+offered: ``kernels.matmul_hopper.OFFERED``), labelled after the attention variants; each forgets the tuners' picks and
 the captured graphs, runs one untimed call (tuning, capture),
 then times ``reps`` calls with CUDA events
 (``bench.compare.time_forward``; median ms per scan). Arms alternate within each round, so clock
@@ -26,31 +28,36 @@ import torch
 
 import brainjepa_fast as bj
 import brainjepa_kernels.flash_attention as fa
+import brainjepa_fast.triton_backend as triton_backend
 import brainjepa_kernels.matmul_hopper as matmul_hopper
 from bench.compare import time_forward
 from brainjepa_kernels._runtime import _TUNED
 from tests.helpers import rel_err
 
 
-def set_arm(enc: bj.Encoder, variants: tuple[str, ...], matmul_ws: bool = True) -> None:
+#: matmul arm -> (Gluon matmul offered, chunk statistics)
+MATMUL_ARMS = {"ws": (True, True), "ws-rowstats": (True, False), "triton": (False, False)}
+
+
+def set_arm(enc: bj.Encoder, variants: tuple[str, ...], matmul: str = "ws") -> None:
     """Tune attention over ``variants`` from the next call on (Gluon variants among them are
-    offered where the Gluon kernel runs), and the matmuls with or without the Gluon matmul
-    (``matmul_ws``): forget picks and graphs."""
+    offered where the Gluon kernel runs), and run the matmuls as the ``matmul`` arm says
+    (:data:`MATMUL_ARMS`): forget picks and graphs."""
     for name in variants:
         if name not in fa.VARIANTS and name not in fa.GLUON_VARIANTS:
             raise SystemExit(f"--arms: unknown attention variant {name!r}")
     fa.DEFAULT_VARIANTS = tuple(v for v in variants if v in fa.VARIANTS)
     fa.DEFAULT_GLUON_VARIANTS = tuple(v for v in variants if v in fa.GLUON_VARIANTS)
-    matmul_hopper.OFFERED = matmul_ws
+    matmul_hopper.OFFERED, triton_backend.CHUNK_STATS = MATMUL_ARMS[matmul]
     for key in [k for k in _TUNED if k[0] in ("flash_attention", "layernorm_linear", "linear_residual")]:
         del _TUNED[key]
     if enc._triton_runner is not None:
         enc._triton_runner._graphs.clear()
 
 
-def arm_name(arm: tuple[str, ...], ws: bool, matmul_ab: bool) -> str:
-    """The arm's label: its attention variants, plus ``+ws`` / ``-ws`` under ``--matmul-ab``."""
-    return ",".join(arm) + ((" +ws" if ws else " -ws") if matmul_ab else "")
+def arm_name(arm: tuple[str, ...], matmul: str, matmul_arms: list[str]) -> str:
+    """The arm's label: its attention variants, plus the matmul arm when there are several."""
+    return ",".join(arm) + (f" {matmul}" if len(matmul_arms) > 1 else "")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -59,10 +66,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--matmul-ab", action="store_true", help="each arm with and without the Gluon matmul")
+    p.add_argument("--matmul-arms", nargs="+", default=["ws"], choices=sorted(MATMUL_ARMS),
+                   help="matmul arms to run each attention arm with")
     p.add_argument("--out", type=Path, default=Path("bench/results/variant_ab.json"))
     args = p.parse_args(argv)
-    arms = [(tuple(a.split(",")), ws) for a in args.arms for ws in ((True, False) if args.matmul_ab else (True, ))]
+    arms = [(tuple(a.split(",")), matmul) for a in args.arms for matmul in args.matmul_arms]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "base.safetensors"
         bj.save_random_checkpoint(ckpt, seed=0)
@@ -74,13 +82,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         with torch.no_grad():
             ref = ref_enc(x).float()
         for rnd in range(args.rounds):
-            for arm, ws in arms:
-                set_arm(enc, arm, ws)
+            for arm, matmul in arms:
+                set_arm(enc, arm, matmul)
                 timing = time_forward(enc, x, warmup=1, reps=args.reps)  # the untimed first call tunes and captures
                 ms = statistics.median(timing.times_ms)
                 err = rel_err(timing.output.float(), ref)
                 picks = sorted(f"{k[0]}{tuple(k[1:4])}: {v}" for k, v in _TUNED.items())  # (M or B, N, K or H)
-                name = arm_name(arm, ws, args.matmul_ab)
+                name = arm_name(arm, matmul, args.matmul_arms)
                 row = dict(batch=B, round=rnd, arm=name, ms_per_scan=ms / B, rel_err=err, picks=picks)
                 rows.append(row)
                 attn = [p for p in picks if p.startswith("flash_attention")]
@@ -89,8 +97,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                       f"Gluon matmul picked for {ws_picks} of {len(picks) - len(attn)} matmul shapes", flush=True)
     summary = {}
     for B in args.batch_sizes:
-        for arm, ws in arms:
-            name = arm_name(arm, ws, args.matmul_ab)
+        for arm, matmul in arms:
+            name = arm_name(arm, matmul, args.matmul_arms)
             vals = [r["ms_per_scan"] for r in rows if r["batch"] == B and r["arm"] == name]
             summary[f"B={B} {name}"] = dict(median=statistics.median(vals), min=min(vals), max=max(vals))
             print(f"B={B} {name:24s} median {statistics.median(vals):.3f} (min {min(vals):.3f}, max {max(vals):.3f})")

@@ -10,6 +10,10 @@ One encoder layer runs as five kernels::
 
 (M = B * N tokens, row-major ``[M, D]`` residual stream in the compute dtype), after
 ``patch_embed`` (conv + bias + positional table in one pass) and before the final LayerNorm.
+The LayerNorm matmuls need each row's mean and rstd: on Hopper (fp16/bf16) the two residual
+updates write them per 128-column chunk from their epilogue (the Gluon matmul of
+:mod:`brainjepa_kernels.matmul_hopper`) and the next LayerNorm matmul merges them; elsewhere,
+and for the first layer, ``row_stats`` reads x once more to compute them.
 Weights are prepared once per (device, dtype, scan length, parameter version): LayerNorm gains
 and biases folded into the following weights, the positional table precomputed. Small batches
 replay a captured CUDA graph, which removes the launch gaps between the ~60 kernels.
@@ -23,6 +27,10 @@ import torch
 
 if TYPE_CHECKING:
     from .model import Encoder
+
+#: Whether the residual updates pass the next LayerNorm its row statistics in chunks where the
+#: Gluon matmul runs (else ``row_stats`` computes them; ``bench.variant_ab`` turns it off for A/B).
+CHUNK_STATS = True
 
 #: Batches up to this size replay a CUDA graph (launch gaps matter there; larger batches are
 #: long enough per kernel that the graph's memory pool would be the only effect).
@@ -117,8 +125,11 @@ class TritonRunner:
     @staticmethod
     def run(plan: Plan, x: torch.Tensor, num_heads: int) -> torch.Tensor:
         """Eager kernel sequence: ``x`` ``[B, 1, R, T]`` (any float dtype) -> ``[B, N, D]``."""
+        import triton
+
+        from brainjepa_kernels._runtime import hopper_module
         from brainjepa_kernels.flash_attention import flash_attention
-        from brainjepa_kernels.layernorm import layernorm
+        from brainjepa_kernels.layernorm import STATS_CHUNK, layernorm
         from brainjepa_kernels.layernorm_linear import layernorm_linear_folded
         from brainjepa_kernels.linear_residual import linear_residual
         from brainjepa_kernels.patch_embed import patch_embed
@@ -126,16 +137,21 @@ class TritonRunner:
         tokens = patch_embed(x, plan.patch_w, plan.patch_b, plan.pos)  # [B, N, D]
         B, N, D = tokens.shape
         h = tokens.view(B * N, D)
-        for blk in plan.blocks:
+        # On Hopper the residual updates write the next LayerNorm's row statistics in chunks (the
+        # Gluon matmul's epilogue), so no row_stats pass reads h before qkv and fc1 (but the first).
+        hopper = hopper_module()
+        chunks = (torch.empty(B * N, triton.cdiv(D, STATS_CHUNK), 2, device=h.device)
+                  if CHUNK_STATS and hopper is not None and hopper.supports(h) else None)
+        for i, blk in enumerate(plan.blocks):
             # Each intermediate is dropped after its last use, so that the allocator can reuse
             # qkv's and the attention output's memory for fc1's wider output.
-            qkv = layernorm_linear_folded(h, blk.qkv)
+            qkv = layernorm_linear_folded(h, blk.qkv, chunk_stats=chunks if i > 0 else None)
             attn = flash_attention(qkv.view(B, N, 3, num_heads, D // num_heads))
             del qkv
-            linear_residual(attn.view(B * N, D), blk.proj_w, blk.proj_b, h, out=h)
+            linear_residual(attn.view(B * N, D), blk.proj_w, blk.proj_b, h, out=h, chunk_stats=chunks)
             del attn
-            hidden = layernorm_linear_folded(h, blk.fc1, activation="gelu")
-            linear_residual(hidden, blk.fc2_w, blk.fc2_b, h, out=h)
+            hidden = layernorm_linear_folded(h, blk.fc1, activation="gelu", chunk_stats=chunks)
+            linear_residual(hidden, blk.fc2_w, blk.fc2_b, h, out=h, chunk_stats=chunks)
             del hidden
         return layernorm(h, plan.norm_w, plan.norm_b).view(B, N, D)
 

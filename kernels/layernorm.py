@@ -5,6 +5,10 @@ final LayerNorm. Both read a block of rows into registers (K <= 1024, the rows o
 variant) and compute exact two-pass statistics in float32: mean first, then the variance of the
 centred row, so a large per-row mean costs no precision. Memory-bound: one read of x (plus one
 write of y for ``layernorm``).
+
+``chunk_stats_reference`` and ``merge_chunk_stats`` define the per-chunk statistics that the
+warp-specialized matmul (:mod:`kernels.matmul_hopper`) passes from the residual update that
+writes a LayerNorm's input to the matmul that normalises it, which saves ``row_stats``' read.
 """
 from __future__ import annotations
 
@@ -19,6 +23,9 @@ from ._runtime import check_dtype, check_out
 
 #: Largest row the kernels hold in registers.
 MAX_K = 1024
+
+#: Columns per chunk of the chunk statistics (:func:`chunk_stats_reference`): the Gluon matmul's tile width.
+STATS_CHUNK = 128
 
 
 @triton.jit
@@ -97,6 +104,33 @@ def row_stats_reference(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """PyTorch equivalent of :func:`row_stats`, in float32."""
     var, mean = torch.var_mean(x.float(), dim=-1, correction=0)
     return torch.stack([mean, torch.rsqrt(var + eps)], dim=-1)
+
+
+def chunk_stats_reference(x: torch.Tensor, chunk: int = STATS_CHUNK) -> torch.Tensor:
+    """Per-row statistics of ``x`` [M, K] in column chunks of ``chunk`` (the last one may be
+    shorter), in float32: [M, cdiv(K, chunk), 2] with (mean, M2 = sum of squared deviations from
+    that mean) per chunk. The format the warp-specialized matmul's residual epilogue writes for
+    the next LayerNorm (:mod:`kernels.matmul_hopper`)."""
+    M, K = x.shape
+    out = x.new_empty((M, triton.cdiv(K, chunk), 2), dtype=torch.float32)
+    for c, part in enumerate(x.float().split(chunk, dim=1)):
+        mean = part.mean(dim=1)
+        out[:, c, 0] = mean
+        out[:, c, 1] = ((part - mean[:, None]) ** 2).sum(dim=1)
+    return out
+
+
+def merge_chunk_stats(chunk_stats: torch.Tensor, K: int, eps: float = 1e-6, chunk: int = STATS_CHUNK) -> torch.Tensor:
+    """(mean, rstd) per row, [M, 2] float32 as :func:`row_stats` returns, of a K-wide matrix from
+    its chunk statistics [M, cdiv(K, chunk), 2] (:func:`chunk_stats_reference`'s format): the
+    mean first, then ``M2 = sum_c (M2_c + n_c (mean_c - mean)^2)``, exact for any spread of
+    the chunk means."""
+    counts = torch.full((chunk_stats.shape[1],), float(chunk), device=chunk_stats.device)
+    counts[-1] = K - chunk * (chunk_stats.shape[1] - 1)
+    means, m2s = chunk_stats[..., 0], chunk_stats[..., 1]
+    mean = (means * counts).sum(dim=1) / K
+    m2 = (m2s + counts * (means - mean[:, None]) ** 2).sum(dim=1)
+    return torch.stack([mean, torch.rsqrt(m2.clamp_min(0) / K + eps)], dim=-1)
 
 
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,

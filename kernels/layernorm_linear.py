@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._runtime import (MatmulConfig, as_rows, candidates_for, check_dtype, check_out, check_tma_matrix, grouped_tile,
                        hopper_module, matmul_operands, select_config, split_columns, tile_matmul, tma_operand)
-from .layernorm import row_stats
+from .layernorm import STATS_CHUNK, merge_chunk_stats, row_stats
 
 ACTIVATIONS = (None, "gelu")
 
@@ -175,7 +175,8 @@ def _check_folded(folded: FoldedLinear, K: int, dtype: torch.dtype, device: torc
 def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: Optional[str] = None,
                             eps: float = 1e-6, stats: Optional[torch.Tensor] = None,
                             out: Optional[torch.Tensor] = None, *,
-                            configs: Optional[Sequence[Hashable]] = None) -> torch.Tensor:
+                            configs: Optional[Sequence[Hashable]] = None,
+                            chunk_stats: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act(LayerNorm(x) @ W^T + b)`` with the LayerNorm folded into ``folded`` (the hot path).
 
     x: [..., K] contiguous, fp32/fp16/bf16, dtype of ``folded.weight`` [N, K]; K * itemsize and
@@ -184,7 +185,11 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
     consumer; computed by :func:`row_stats` with ``eps`` when None. out: [..., N] in x.dtype,
     contiguous, not overlapping x. configs: candidate configurations, :class:`MatmulConfig` (the
     Triton kernel) or :class:`kernels.matmul_hopper.WsConfig` (default :func:`candidates_for`);
-    the fastest is picked on first use of each shape. Returns ``out``.
+    the fastest is picked on first use of each shape. chunk_stats: instead of ``stats``, x's row
+    statistics per chunk of STATS_CHUNK (128) columns, [M, cdiv(K, STATS_CHUNK), 2] float32 as
+    :func:`kernels.linear_residual.linear_residual` writes them: the Gluon kernel merges them in
+    its epilogue, a Triton configuration gets them merged by :func:`merge_chunk_stats` first.
+    Returns ``out``.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
@@ -200,22 +205,29 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
         return out
     out2 = out.view(M, N)
     check_tma_matrix(out2, "out")
-    if stats is None:
-        stats = row_stats(x2, eps)
-    check_out(stats, (M, 2), torch.float32, x.device, "stats")
+    if chunk_stats is not None:
+        if stats is not None:
+            raise ValueError("layernorm_linear_folded: pass stats or chunk_stats, not both")
+        check_out(chunk_stats, (M, triton.cdiv(K, STATS_CHUNK), 2), torch.float32, x.device, "chunk_stats")
+    else:
+        if stats is None:
+            stats = row_stats(x2, eps)
+        check_out(stats, (M, 2), torch.float32, x.device, "stats")
 
     def launch(cfg: Hashable) -> None:
         if not isinstance(cfg, MatmulConfig):
             hopper_module().launch(x2, folded.weight, out2, cfg, "layernorm", folded.colsum, folded.bias, stats,
-                                   gelu=activation == "gelu")
+                                   gelu=activation == "gelu", chunk_stats=chunk_stats, eps=eps)
             return
         x_desc, w_desc, out_desc = matmul_operands(cfg, x2, folded.weight, out2)
         programs = cfg.num_programs(M, N, x.device)
-        _ln_linear_kernel[(programs,)](x_desc, w_desc, out_desc, stats, folded.colsum, folded.bias,
+        rows = merge_chunk_stats(chunk_stats, K, eps) if chunk_stats is not None else stats
+        _ln_linear_kernel[(programs,)](x_desc, w_desc, out_desc, rows, folded.colsum, folded.bias,
                                        M, N, K, programs, GELU=activation == "gelu", **cfg.meta())
 
     candidates = tuple(configs) if configs else candidates_for(x)
-    launch(select_config(("layernorm_linear", M, N, K, x.dtype, activation), candidates, lambda: launch))
+    key = ("layernorm_linear", M, N, K, x.dtype, activation, chunk_stats is not None)
+    launch(select_config(key, candidates, lambda: launch))
     return out
 
 

@@ -27,6 +27,7 @@ import triton.language as tl
 from ._runtime import (MatmulConfig, as_rows, candidates_for, check_dtype, check_out, check_tma_matrix,
                        grouped_tile, hopper_module, matmul_operands, select_config, split_columns, tile_matmul,
                        tma_operand)
+from .layernorm import STATS_CHUNK
 
 
 @triton.jit
@@ -73,7 +74,8 @@ def _linear_residual_kernel(x_desc, w_desc, res_desc, out_desc, bias_ptr, M, N, 
 
 def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual: torch.Tensor,
                     out: Optional[torch.Tensor] = None, *,
-                    configs: Optional[Sequence[Hashable]] = None) -> torch.Tensor:
+                    configs: Optional[Sequence[Hashable]] = None,
+                    chunk_stats: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``residual + x @ w^T + b`` with float32 accumulation.
 
     x: [..., K] contiguous, fp32 (3xTF32 dots)/fp16/bf16; w: [N, K] (``nn.Linear`` layout) in
@@ -83,7 +85,12 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
     multiples of 16 bytes (TMA). configs: candidate configurations, :class:`MatmulConfig` or
     :class:`kernels.matmul_hopper.WsConfig` (default :func:`kernels._runtime.candidates_for`; the
     Gluon kernel only for a residual in x.dtype); the fastest is picked on first use of each
-    shape, timed into a scratch output so an in-place call is applied once. Returns ``out``.
+    shape, timed into a scratch output so an in-place call is applied once. chunk_stats: if given,
+    [M, cdiv(N, STATS_CHUNK), 2] float32 that receives the output rows' statistics per chunk of
+    :data:`kernels.layernorm.STATS_CHUNK` (128) columns
+    (:func:`kernels.layernorm.chunk_stats_reference`'s format, for the LayerNorm that reads
+    ``out`` next); only the Gluon kernel writes them, so it is the only candidate (sm_90 GPU,
+    fp16/bf16, residual in x.dtype). Returns ``out``.
     """
     check_dtype(x, "x")
     x2 = as_rows(x, "x")
@@ -111,7 +118,7 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
 
     def launch(cfg: Hashable, dst: torch.Tensor) -> None:
         if not isinstance(cfg, MatmulConfig):
-            hopper_module().launch(x2, w, dst, cfg, "residual", b, residual=res2)
+            hopper_module().launch(x2, w, dst, cfg, "residual", b, residual=res2, chunk_stats=chunk_stats)
             return
         x_desc, w_desc, res_desc, out_desc = matmul_operands(cfg, x2, w, res2, dst)
         programs = cfg.num_programs(M, N, x.device)
@@ -123,7 +130,14 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, residual:
         return lambda cfg: launch(cfg, scratch)
 
     candidates = tuple(configs) if configs else candidates_for(x, hopper_ok=residual.dtype == x.dtype)
-    launch(select_config(("linear_residual", M, N, K, x.dtype, residual.dtype), candidates, make_runner), out2)
+    if chunk_stats is not None:
+        check_out(chunk_stats, (M, triton.cdiv(N, STATS_CHUNK), 2), torch.float32, x.device, "chunk_stats")
+        candidates = tuple(cfg for cfg in candidates if not isinstance(cfg, MatmulConfig))
+        if not candidates:
+            raise ValueError("chunk_stats: only the Gluon kernel writes them (sm_90 GPU, fp16/bf16 x, residual "
+                             f"in x.dtype); got x {x.dtype} on {x.device}, residual {residual.dtype}")
+    key = ("linear_residual", M, N, K, x.dtype, residual.dtype, chunk_stats is not None)
+    launch(select_config(key, candidates, make_runner), out2)
     return out
 
 

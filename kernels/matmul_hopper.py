@@ -59,6 +59,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from . import layernorm
 from ._runtime import grouped_tile, is_hopper, num_sms
 from .layernorm_linear import gelu
 
@@ -68,11 +69,16 @@ EPILOGUES = ("layernorm", "residual")
 #: its A/B arms).
 OFFERED = True
 
+#: Columns per chunk of the row statistics the residual epilogue writes and the LayerNorm
+#: epilogue merges (``[M, cdiv(N, STATS_CHUNK), 2]``: mean and M2 per chunk; the format of
+#: :func:`kernels.layernorm.chunk_stats_reference`): the tile width.
+STATS_CHUNK = gl.constexpr(layernorm.STATS_CHUNK)
+
 
 @gluon.jit
 def _producer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar, vec0_ptr,
-              vec1_ptr, stats_ptr, M, N, K, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
-              ROLE: gl.constexpr):
+              vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
+              STATS: gl.constexpr, ROLE: gl.constexpr):
     """One warp (ROLE 2; the worker partitions share one signature): the K steps of this
     program's tiles (tiles pid, pid + P, ...) into the ring, in order; step t into slot
     t % STAGES once the consumer released the slot's previous use."""
@@ -98,9 +104,54 @@ def _producer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
 
 
 @gluon.jit
+def _store_chunk_stats(y, stats_ptr, off_m, pid_n, M, N):
+    """Write the statistics of the output tile ``y`` [BLOCK_M, BLOCK_N] (the stored values, zero
+    past column N) at rows off_m.. and column chunk ``pid_n`` into ``stats_ptr``
+    [M, cdiv(N, BLOCK_N), 2]: (mean, M2 = sum of squared deviations) over the chunk's
+    min(BLOCK_N, N - pid_n * BLOCK_N) columns, two-pass."""
+    BLOCK_M: gl.constexpr = y.shape[0]
+    BLOCK_N: gl.constexpr = y.shape[1]
+    gl.static_assert(BLOCK_N == STATS_CHUNK, "chunk statistics need tiles STATS_CHUNK wide")
+    n_c = gl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(gl.float32)
+    # In column halves (a register-only split of the wgmma layout), to keep register pressure low.
+    lo, hi = gl.split(gl.permute(gl.reshape(y, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
+    mean = (gl.sum(lo.to(gl.float32), axis=1) + gl.sum(hi.to(gl.float32), axis=1)) / n_c
+    d_lo = lo.to(gl.float32) - gl.expand_dims(mean, 1)
+    m2 = gl.sum(d_lo * d_lo, axis=1)
+    d_hi = hi.to(gl.float32) - gl.expand_dims(mean, 1)
+    # Each zero column past N added mean^2 to the sum of squares: taken back out.
+    m2 = m2 + gl.sum(d_hi * d_hi, axis=1) - (BLOCK_N - n_c) * mean * mean
+    rows = off_m + gl.arange(0, BLOCK_M, layout=mean.type.layout)
+    ptr = stats_ptr + (rows.to(gl.int64) * gl.cdiv(N, BLOCK_N) + pid_n) * 2
+    gl.store(ptr, mean, mask=rows < M)
+    gl.store(ptr + 1, m2, mask=rows < M)
+
+
+@gluon.jit
+def _merge_chunk_stats(stats_ptr, rows, M, K, eps, CHUNK: gl.constexpr, layout: gl.constexpr):
+    """(mean, rstd) of ``rows`` [BLOCK_M] (``layout``) of a K-wide matrix from its chunk
+    statistics ``stats_ptr`` [M, cdiv(K, CHUNK), 2] (see :func:`_store_chunk_stats`): the mean
+    first, then M2 = sum_c (M2_c + n_c (mean_c - mean)^2), exact for any spread of chunk means."""
+    n_chunks = gl.cdiv(K, CHUNK)
+    ok = rows < M
+    base = stats_ptr + rows.to(gl.int64) * (2 * n_chunks)
+    total = gl.zeros(rows.shape, gl.float32, layout=layout)
+    for c in range(n_chunks):
+        n_c = gl.minimum(K - c * CHUNK, CHUNK).to(gl.float32)
+        total += n_c * gl.load(base + 2 * c, mask=ok, other=0.0)
+    mean = total / K
+    m2 = gl.zeros(rows.shape, gl.float32, layout=layout)
+    for c in range(n_chunks):
+        n_c = gl.minimum(K - c * CHUNK, CHUNK).to(gl.float32)
+        d = gl.load(base + 2 * c, mask=ok, other=0.0) - mean
+        m2 += gl.load(base + 2 * c + 1, mask=ok, other=0.0) + n_c * d * d
+    return mean, gl.rsqrt(gl.maximum(m2, 0.0) / K + eps)
+
+
+@gluon.jit
 def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar, vec0_ptr,
-              vec1_ptr, stats_ptr, M, N, K, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
-              ROLE: gl.constexpr):
+              vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
+              STATS: gl.constexpr, ROLE: gl.constexpr):
     """One warpgroup: tiles ROLE, ROLE + 2, ... of this program's, each a BLOCK_M x BLOCK_N tile
     from the ring, then its epilogue through ``out_bufs[ROLE]``: "layernorm",
     ``act(rstd * (acc - mean * c) + b')`` with vec0 = c, vec1 = b', stats = (mean, rstd); or
@@ -131,8 +182,11 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
         tma.store_wait(0)  # this consumer's previous tile has left out_buf
         if EPILOGUE == "layernorm":
             rows = off_m + gl.arange(0, BLOCK_M, layout=rows_of)
-            mean = gl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
-            rstd = gl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
+            if STATS == "chunks":
+                mean, rstd = _merge_chunk_stats(stats_ptr, rows, M, K, eps, STATS_CHUNK, rows_of)
+            else:
+                mean = gl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
+                rstd = gl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
             vec1 = gl.load(vec1_ptr + cols, mask=cols < N, other=0.0)
         else:
             mbarrier.expect(res_bar.index(ROLE), res_desc.block_type.nbytes)
@@ -163,15 +217,19 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
         else:
             mbarrier.wait(res_bar.index(ROLE), j & 1)
             y = out_buf.load(mma).to(gl.float32) + acc + gl.expand_dims(vec0, 0)
-        out_buf.store(y.to(out_desc.dtype))
+        stored = y.to(out_desc.dtype)
+        out_buf.store(stored)
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_buf)
+        if STATS == "chunks" and EPILOGUE == "residual":  # of the values as stored, while they are
+            _store_chunk_stats(stored, stats_ptr, off_m, pid_n, M, N)
     tma.store_wait(0)
 
 
 @gluon.jit(do_not_specialize=["M"])
-def _matmul_ws_kernel(x_desc, w_desc, out_desc, res_desc, vec0_ptr, vec1_ptr, stats_ptr, M, N, K,
-                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr):
+def _matmul_ws_kernel(x_desc, w_desc, out_desc, res_desc, vec0_ptr, vec1_ptr, stats_ptr, M, N, K, eps,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, EPILOGUE: gl.constexpr, GELU: gl.constexpr,
+                      STATS: gl.constexpr):
     """Persistent program (one per SM): see the module docstring. x_desc [M, K] in BLOCK_M x
     BLOCK_K boxes, w_desc [N, K] in BLOCK_N x BLOCK_K boxes, out_desc and res_desc [M, N] in
     BLOCK_M x BLOCK_N boxes (res_desc: any descriptor of that box for "layernorm"); vec0, vec1
@@ -193,12 +251,12 @@ def _matmul_ws_kernel(x_desc, w_desc, out_desc, res_desc, vec0_ptr, vec1_ptr, st
     # (Tuples built inline: Gluon 3.6 rejects a tuple variable extended with `+` here.)
     gl.warp_specialize([
         (_consumer, (x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar,
-                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, GROUP_M, EPILOGUE, GELU, 0)),
+                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M, EPILOGUE, GELU, STATS, 0)),
         (_consumer, (x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar,
-                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, GROUP_M, EPILOGUE, GELU, 1)),
+                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M, EPILOGUE, GELU, STATS, 1)),
         (_producer, (x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar,
-                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, GROUP_M, EPILOGUE, GELU, 2)),
-    ], [4, 1], [232, 24])
+                     vec0_ptr, vec1_ptr, stats_ptr, M, N, K, eps, GROUP_M, EPILOGUE, GELU, STATS, 2)),
+    ], [4, 1], [240, 24])
 
 
 @dataclass(frozen=True)
@@ -228,14 +286,28 @@ def supports(x: torch.Tensor) -> bool:
 
 def kernel_args(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor, cfg: WsConfig, epilogue: str,
                 vec0: torch.Tensor, vec1: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
-                residual: Optional[torch.Tensor] = None, gelu: bool = False) -> tuple[tuple, dict, tuple]:
+                residual: Optional[torch.Tensor] = None, gelu: bool = False,
+                chunk_stats: Optional[torch.Tensor] = None, eps: float = 1e-6) -> tuple[tuple, dict, tuple]:
     """Arguments, compile-time arguments and grid of one launch: x2 [M, K] @ w [N, K]^T into out2
     [M, N] (contiguous, TMA-aligned, x's dtype), with ``epilogue``'s vectors (see
-    :func:`_consumer`). Tensors may be on the CPU (for an offline sm_90 compile)."""
+    :func:`_consumer`). Row statistics, float32: for "layernorm" either ``stats`` [M, 2] (mean,
+    rstd) or ``chunk_stats`` [M, cdiv(K, STATS_CHUNK), 2] (merged with ``eps``); for "residual"
+    ``chunk_stats`` [M, cdiv(N, STATS_CHUNK), 2], if given, receives the output's. Tensors may be
+    on the CPU (for an offline sm_90 compile)."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue: expected one of {EPILOGUES}, got {epilogue!r}")
     M, K = x2.shape
     N = w.shape[0]
+    if chunk_stats is not None:
+        width = K if epilogue == "layernorm" else N
+        expected = (M, triton.cdiv(width, STATS_CHUNK.value), 2)
+        if tuple(chunk_stats.shape) != expected or chunk_stats.dtype != torch.float32 or not chunk_stats.is_contiguous():
+            raise ValueError(f"chunk_stats: expected a contiguous float32 tensor of shape {expected}, got "
+                             f"{chunk_stats.dtype} {tuple(chunk_stats.shape)}")
+        if cfg.block_n != STATS_CHUNK.value:
+            raise ValueError(f"chunk_stats: needs tiles {STATS_CHUNK.value} wide, got {cfg}")
+    if epilogue == "layernorm" and (stats is None) == (chunk_stats is None):
+        raise ValueError("layernorm epilogue: pass exactly one of stats and chunk_stats")
     gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
 
     def desc(t: torch.Tensor, box: list[int]) -> TensorDescriptor:
@@ -244,17 +316,21 @@ def kernel_args(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor, cfg: WsCo
     out_box = [cfg.block_m, cfg.block_n]
     out_desc = desc(out2, out_box)
     res_desc = desc(residual, out_box) if epilogue == "residual" else out_desc
+    stats_arg = chunk_stats if chunk_stats is not None else stats
     args = (desc(x2, [cfg.block_m, cfg.block_k]), desc(w, [cfg.block_n, cfg.block_k]), out_desc, res_desc,
-            vec0, vec0 if vec1 is None else vec1, vec0 if stats is None else stats, M, N, K)
-    meta = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, EPILOGUE=epilogue, GELU=gelu, num_warps=4, maxnreg=168)
+            vec0, vec0 if vec1 is None else vec1, vec0 if stats_arg is None else stats_arg, M, N, K, eps)
+    mode = "chunks" if chunk_stats is not None else ("rows" if epilogue == "layernorm" else "none")
+    meta = dict(STAGES=cfg.stages, GROUP_M=cfg.group_m, EPILOGUE=epilogue, GELU=gelu, STATS=mode, num_warps=4,
+                maxnreg=168)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     return args, meta, (min(tiles, num_sms(x2.device)), )
 
 
 def launch(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor, cfg: WsConfig, epilogue: str, vec0: torch.Tensor,
            vec1: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
-           residual: Optional[torch.Tensor] = None, gelu: bool = False) -> None:
-    """One launch (arguments as :func:`kernel_args`; shapes, dtypes and alignment checked by the
-    calling Triton module) on the current device."""
-    args, meta, grid = kernel_args(x2, w, out2, cfg, epilogue, vec0, vec1, stats, residual, gelu)
+           residual: Optional[torch.Tensor] = None, gelu: bool = False,
+           chunk_stats: Optional[torch.Tensor] = None, eps: float = 1e-6) -> None:
+    """One launch (arguments as :func:`kernel_args`; shapes, dtypes and alignment of the matrices
+    checked by the calling Triton module) on the current device."""
+    args, meta, grid = kernel_args(x2, w, out2, cfg, epilogue, vec0, vec1, stats, residual, gelu, chunk_stats, eps)
     _matmul_ws_kernel[grid](*args, **meta)

@@ -56,6 +56,22 @@ def test_row_stats_is_two_pass():
     assert_close(got[:, 1], ref[:, 1], KERNEL_TOL[(DEVICE.type, torch.float32)], "rstd at large mean")
 
 
+@pytest.mark.parametrize("k", [64, 200, 768, 1000])
+def test_merged_chunk_stats_equal_row_stats(k):
+    """The chunk statistics' format (:func:`chunk_stats_reference`, 128-column chunks, a shorter
+    last one for ragged K) merged by :func:`merge_chunk_stats` gives the two-pass (mean, rstd),
+    also for row means 1000x the spread with chunk means that differ (a per-chunk offset)."""
+    from brainjepa_kernels.layernorm import chunk_stats_reference, merge_chunk_stats, row_stats_reference
+
+    x = _rows(300, k, torch.float64, mean_scale=1000.0) + 3.0 * torch.randn(1, k, device=DEVICE, dtype=torch.float64)
+    chunks = chunk_stats_reference(x)
+    assert chunks.shape == (300, -(-k // 128), 2) and chunks.dtype == torch.float32
+    got = merge_chunk_stats(chunks, k, eps=1e-3)
+    ref = row_stats_reference(x, eps=1e-3).float()
+    assert_close(got[:, 0], ref[:, 0], 1e-6, "mean")
+    assert_close(got[:, 1], ref[:, 1], 1e-5, "rstd")
+
+
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 64), (7, 11, 200), (300, 256)])
 def test_layernorm(shape, dtype):
