@@ -34,7 +34,8 @@ GPU_DTYPES = [torch.bfloat16, torch.float16]
 def test_compiles_for_hopper_without_spills():
     """Each configuration, compiled by ptxas for sm_90 with the epilogue and shape of each encoder
     matmul (``bench.linear_lab --compile-ws``, in a process without the interpreter): no spills, within
-    the 227 KB of shared memory, the consumers at 240 registers and the producer at 24 (setmaxnreg), eight
+    the 227 KB of shared memory, the partitions at 248 / 232 / 24 registers (setmaxnreg; 240 / 240 / 24
+    for the residual epilogue writing chunk statistics), eight
     wgmma per K step in each consumer's loop (a 128-row tile is two m64 instructions per 16-wide
     K slice), each consumer's loop keeps one K step's products in flight (``wait_group 1`` in its
     PTX) and ptxas did not serialize them (a wait per wgmma would show as one
@@ -51,9 +52,10 @@ def test_compiles_for_hopper_without_spills():
         # The residual epilogue writing chunk statistics spills one loop-invariant register (8
         # bytes of stack: stored before the loop, reloaded once per tile; 24-120 bytes in the
         # other arrangements tried, see bench/NOTES.md).
-        spill = 8 if row["chunk_stats"] and row["op"] in ("proj", "fc2") else 0
-        assert row["stack"] <= spill and row["regs"] <= 168 and row["smem"] <= 232448, row
-        assert {"inc 240", "dec 240", "dec 24"} <= set(row["setmaxnreg"]), row
+        writes_chunks = row["chunk_stats"] and row["op"] in ("proj", "fc2")
+        assert row["stack"] <= (8 if writes_chunks else 0) and row["regs"] <= 168 and row["smem"] <= 232448, row
+        consumers = {"inc 240", "dec 240"} if writes_chunks else {"dec 248", "inc 232"}
+        assert consumers | {"dec 24"} <= set(row["setmaxnreg"]), row
         assert row["hgmma"] == 16 and row["depbar"] <= 4 and row["ptx_wait1"] == 2, row
 
 
