@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._runtime import (MatmulConfig, as_rows, candidates_for, check_dtype, check_out, check_tma_matrix, grouped_tile,
                        hopper_module, matmul_operands, select_config, split_columns, tile_matmul, tma_operand)
-from .layernorm import STATS_CHUNK, merge_chunk_stats, row_stats
+from .layernorm import MAX_K, STATS_CHUNK, merge_chunk_stats, row_stats
 
 ACTIVATIONS = (None, "gelu")
 
@@ -186,7 +186,7 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
     contiguous, not overlapping x. configs: candidate configurations, :class:`MatmulConfig` (the
     Triton kernel) or :class:`kernels.matmul_hopper.WsConfig` (default :func:`candidates_for`);
     the fastest is picked on first use of each shape. chunk_stats: instead of ``stats``, x's row
-    statistics per chunk of STATS_CHUNK (128) columns, [M, cdiv(K, STATS_CHUNK), 2] float32 as
+    statistics per chunk of STATS_CHUNK (128) columns, [M, cdiv(K, STATS_CHUNK), 2] float32 (K <= 1024) as
     :func:`kernels.linear_residual.linear_residual` writes them: the Gluon kernel merges them in
     its epilogue, a Triton configuration gets them merged by :func:`merge_chunk_stats` first.
     Returns ``out``.
@@ -209,6 +209,8 @@ def layernorm_linear_folded(x: torch.Tensor, folded: FoldedLinear, activation: O
         if stats is not None:
             raise ValueError("layernorm_linear_folded: pass stats or chunk_stats, not both")
         check_out(chunk_stats, (M, triton.cdiv(K, STATS_CHUNK), 2), torch.float32, x.device, "chunk_stats")
+        if K > MAX_K:
+            raise ValueError(f"chunk_stats: rows of at most {MAX_K} columns, got {K}")
     else:
         if stats is None:
             stats = row_stats(x2, eps)

@@ -74,6 +74,9 @@ OFFERED = True
 #: :func:`kernels.layernorm.chunk_stats_reference`): the tile width.
 STATS_CHUNK = gl.constexpr(layernorm.STATS_CHUNK)
 
+#: Most chunks a LayerNorm epilogue merges (rows of up to 1024 columns, :data:`kernels.layernorm.MAX_K`).
+MAX_CHUNKS = gl.constexpr(layernorm.MAX_K // layernorm.STATS_CHUNK)
+
 
 @gluon.jit
 def _producer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, ready, empty, turn, res_bar, vec0_ptr,
@@ -128,24 +131,30 @@ def _store_chunk_stats(y, stats_ptr, off_m, pid_n, M, N):
 
 
 @gluon.jit
-def _merge_chunk_stats(stats_ptr, rows, M, K, eps, CHUNK: gl.constexpr, layout: gl.constexpr):
-    """(mean, rstd) of ``rows`` [BLOCK_M] (``layout``) of a K-wide matrix from its chunk
-    statistics ``stats_ptr`` [M, cdiv(K, CHUNK), 2] (see :func:`_store_chunk_stats`): the mean
-    first, then M2 = sum_c (M2_c + n_c (mean_c - mean)^2), exact for any spread of chunk means."""
-    n_chunks = gl.cdiv(K, CHUNK)
-    ok = rows < M
-    base = stats_ptr + rows.to(gl.int64) * (2 * n_chunks)
-    total = gl.zeros(rows.shape, gl.float32, layout=layout)
-    for c in range(n_chunks):
-        n_c = gl.minimum(K - c * CHUNK, CHUNK).to(gl.float32)
-        total += n_c * gl.load(base + 2 * c, mask=ok, other=0.0)
-    mean = total / K
-    m2 = gl.zeros(rows.shape, gl.float32, layout=layout)
-    for c in range(n_chunks):
-        n_c = gl.minimum(K - c * CHUNK, CHUNK).to(gl.float32)
-        d = gl.load(base + 2 * c, mask=ok, other=0.0) - mean
-        m2 += gl.load(base + 2 * c + 1, mask=ok, other=0.0) + n_c * d * d
-    return mean, gl.rsqrt(gl.maximum(m2, 0.0) / K + eps)
+def _load_chunk_stats(stats_ptr, off_m, M, K, BLOCK_M: gl.constexpr, layout: gl.constexpr):
+    """The chunk statistics (see :func:`_store_chunk_stats`) of the K-wide rows off_m.. from
+    ``stats_ptr`` [M, cdiv(K, STATS_CHUNK), 2]: (means, M2s), each [BLOCK_M, MAX_CHUNKS] in
+    ``layout``, zero past the last chunk and row M. One round of loads."""
+    n_chunks = gl.cdiv(K, STATS_CHUNK)
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    chunks = gl.arange(0, MAX_CHUNKS, layout=gl.SliceLayout(0, layout))
+    mask = gl.expand_dims(rows < M, 1) & gl.expand_dims(chunks < n_chunks, 0)
+    ptr = stats_ptr + (gl.expand_dims(rows.to(gl.int64), 1) * n_chunks + gl.expand_dims(chunks, 0)) * 2
+    return gl.load(ptr, mask=mask, other=0.0), gl.load(ptr + 1, mask=mask, other=0.0)
+
+
+@gluon.jit
+def _merge_chunk_stats(means, m2s, K, eps, rows_of: gl.constexpr):
+    """(mean, rstd) per row, [BLOCK_M] in ``rows_of``, from :func:`_load_chunk_stats`' values:
+    the mean first, then M2 = sum_c (M2_c + n_c (mean_c - mean)^2), exact for any spread of the
+    chunk means (absent chunks have n_c = 0)."""
+    chunks = gl.arange(0, MAX_CHUNKS, layout=gl.SliceLayout(0, means.type.layout))
+    counts = gl.expand_dims(gl.minimum(gl.maximum(K - chunks * STATS_CHUNK, 0), STATS_CHUNK).to(gl.float32), 0)
+    mean = gl.sum(means * counts, axis=1) / K
+    d = means - gl.expand_dims(mean, 1)
+    m2 = gl.sum(m2s + counts * d * d, axis=1)
+    rstd = gl.rsqrt(gl.maximum(m2, 0.0) / K + eps)
+    return gl.convert_layout(mean, rows_of), gl.convert_layout(rstd, rows_of)
 
 
 @gluon.jit
@@ -164,6 +173,7 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     rows_of: gl.constexpr = gl.SliceLayout(1, mma)
     cols_of: gl.constexpr = gl.SliceLayout(0, mma)
+    chunk_rows: gl.constexpr = gl.BlockedLayout([1, MAX_CHUNKS], [32, 1], [4, 1], [1, 0])  # a row's chunks a thread
     out_buf = out_bufs.index(ROLE)
     num_pid_m = gl.cdiv(M, BLOCK_M)
     num_pid_n = gl.cdiv(N, BLOCK_N)
@@ -182,8 +192,8 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
         tma.store_wait(0)  # this consumer's previous tile has left out_buf
         if EPILOGUE == "layernorm":
             rows = off_m + gl.arange(0, BLOCK_M, layout=rows_of)
-            if STATS == "chunks":
-                mean, rstd = _merge_chunk_stats(stats_ptr, rows, M, K, eps, STATS_CHUNK, rows_of)
+            if STATS == "chunks":  # loaded now, merged after the main loop
+                means, m2s = _load_chunk_stats(stats_ptr, off_m, M, K, BLOCK_M, chunk_rows)
             else:
                 mean = gl.load(stats_ptr + 2 * rows, mask=rows < M, other=0.0)
                 rstd = gl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
@@ -210,6 +220,8 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
         mbarrier.arrive(empty.index((step + STAGES - 1) % STAGES))
 
         if EPILOGUE == "layernorm":
+            if STATS == "chunks":
+                mean, rstd = _merge_chunk_stats(means, m2s, K, eps, rows_of)
             y = gl.expand_dims(rstd, 1) * (acc - gl.expand_dims(mean, 1) * gl.expand_dims(vec0, 0)) \
                 + gl.expand_dims(vec1, 0)
             if GELU:
@@ -306,6 +318,8 @@ def kernel_args(x2: torch.Tensor, w: torch.Tensor, out2: torch.Tensor, cfg: WsCo
         if tuple(chunk_stats.shape) != expected or chunk_stats.dtype != torch.float32 or not chunk_stats.is_contiguous():
             raise ValueError(f"chunk_stats: expected a contiguous float32 tensor of shape {expected}, got "
                              f"{chunk_stats.dtype} {tuple(chunk_stats.shape)}")
+        if triton.cdiv(width, STATS_CHUNK.value) > MAX_CHUNKS.value:
+            raise ValueError(f"chunk_stats: rows of at most {MAX_CHUNKS.value * STATS_CHUNK.value} columns, got {width}")
         if cfg.block_n != STATS_CHUNK.value:
             raise ValueError(f"chunk_stats: needs tiles {STATS_CHUNK.value} wide, got {cfg}")
     if epilogue == "layernorm" and (stats is None) == (chunk_stats is None):
