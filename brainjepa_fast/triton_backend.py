@@ -10,10 +10,11 @@ One encoder layer runs as five kernels::
 
 (M = B * N tokens, row-major ``[M, D]`` residual stream in the compute dtype), after
 ``patch_embed`` (conv + bias + positional table in one pass) and before the final LayerNorm.
-The LayerNorm matmuls need each row's mean and rstd: on Hopper (fp16/bf16) the two residual
-updates write them per 128-column chunk from their epilogue (the Gluon matmul of
-:mod:`brainjepa_kernels.matmul_hopper`) and the next LayerNorm matmul merges them; elsewhere,
-and for the first layer, ``row_stats`` reads x once more to compute them.
+The LayerNorm matmuls need each row's mean and rstd: on Hopper (fp16/bf16, batches of at least
+:data:`CHUNK_STATS_MIN_ROWS` tokens) the two residual updates write them per 128-column chunk
+from their epilogue (the Gluon matmul of :mod:`brainjepa_kernels.matmul_hopper`) and the next
+LayerNorm matmul merges them; elsewhere, and for the first layer, ``row_stats`` reads x once more
+to compute them.
 Weights are prepared once per (device, dtype, scan length, parameter version): LayerNorm gains
 and biases folded into the following weights, the positional table precomputed. Small batches
 replay a captured CUDA graph, which removes the launch gaps between the ~60 kernels.
@@ -31,6 +32,13 @@ if TYPE_CHECKING:
 #: Whether the residual updates pass the next LayerNorm its row statistics in chunks where the
 #: Gluon matmul runs (else ``row_stats`` computes them; ``bench.variant_ab`` turns it off for A/B).
 CHUNK_STATS = True
+
+#: The chunk statistics are used for batches of at least this many tokens (B * N): they fix proj
+#: and fc2 to the Gluon kernel, which the tuner does not pick for them at small M. Encoder bf16
+#: A/B on an H100 (ms per scan,
+#: chunks against row_stats, 2026-11-27): B=8 3.119 against 3.158; B=4 3.312 / 3.287; B=2
+#: 3.485 / 3.423; B=1 3.951 / 3.865 (bench/results/2026-11-27-h100-s8/).
+CHUNK_STATS_MIN_ROWS = 32768
 
 #: Batches up to this size replay a CUDA graph (launch gaps matter there; larger batches are
 #: long enough per kernel that the graph's memory pool would be the only effect).
@@ -140,8 +148,8 @@ class TritonRunner:
         # On Hopper the residual updates write the next LayerNorm's row statistics in chunks (the
         # Gluon matmul's epilogue), so no row_stats pass reads h before qkv and fc1 (but the first).
         hopper = hopper_module()
-        chunks = (torch.empty(B * N, triton.cdiv(D, STATS_CHUNK), 2, device=h.device)
-                  if CHUNK_STATS and hopper is not None and hopper.supports(h) else None)
+        chunked = CHUNK_STATS and B * N >= CHUNK_STATS_MIN_ROWS and hopper is not None and hopper.supports(h)
+        chunks = torch.empty(B * N, triton.cdiv(D, STATS_CHUNK), 2, device=h.device) if chunked else None
         for i, blk in enumerate(plan.blocks):
             # Each intermediate is dropped after its last use, so that the allocator can reuse
             # qkv's and the attention output's memory for fc1's wider output.

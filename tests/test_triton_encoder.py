@@ -10,6 +10,7 @@ import torch
 
 import brainjepa_fast as bj
 from brainjepa_fast.config import ENCODER_TOLERANCE
+from brainjepa_fast import triton_backend
 from brainjepa_fast.triton_backend import TritonRunner
 from helpers import HAS_CUDA, assert_close, requires_cuda, requires_triton
 
@@ -41,8 +42,11 @@ def test_triton_runner_under_interpreter(tmp_path):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_encoder_matches_fp32_reference(ckpt, dtype, batch):
+@pytest.mark.parametrize("batch,chunk_stats", [(1, False), (3, False), (1, True), (3, True)])
+def test_encoder_matches_fp32_reference(ckpt, dtype, batch, chunk_stats, monkeypatch):
+    """Both ways of getting the LayerNorm statistics (row_stats; on Hopper in fp16/bf16, chunks
+    from the residual epilogues, forced at these batch sizes), eager then replayed."""
+    monkeypatch.setattr(triton_backend, "CHUNK_STATS_MIN_ROWS", 0 if chunk_stats else 1 << 62)
     torch.manual_seed(batch)
     x = torch.randn(batch, 1, 450, 160, device="cuda")
     ref = bj.encode(x, bj.load(ckpt, device="cuda", backend="torch"))
@@ -52,7 +56,7 @@ def test_encoder_matches_fp32_reference(ckpt, dtype, batch):
     out2 = bj.encode(x, enc)
     err = assert_close(out.float(), ref, ENCODER_TOL[dtype], f"triton {dtype} B={batch}")
     assert torch.equal(out, out2), "graph replay differs from the first run"
-    print(f"encoder triton {dtype} B={batch}: rel err {err:.2e}")
+    print(f"encoder triton {dtype} B={batch} chunk_stats={chunk_stats}: rel err {err:.2e}")
 
 
 @pytest.mark.gpu
