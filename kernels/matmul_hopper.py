@@ -37,6 +37,16 @@ ahead, which mbarrier parity could not tell apart).
 In-place residual (``out`` is ``residual``): each tile's residual is read into shared memory
 before the same program writes that tile, and no other program touches it.
 
+Row statistics in chunks (``chunk_stats``): the residual epilogue can also write, for each row
+of its output tile (the values as stored), the mean and M2 (sum of squared deviations, two-pass)
+over the tile's 128 columns, [M, cdiv(N, 128), 2] float32; the LayerNorm epilogue of the next
+matmul loads a row's chunks in one round before its main loop and merges them after it (Chan's
+combination, exact for any spread of chunk means) instead of reading (mean, rstd) from
+``row_stats``, whose extra read of x it saves. Formats and the PyTorch functions they must equal:
+:func:`kernels.layernorm.chunk_stats_reference`, :func:`kernels.layernorm.merge_chunk_stats`.
+The encoder uses them for batches of 32768 tokens or more (B=8: 3.119 against 3.158 ms per scan
+with ``row_stats``; smaller batches lose, since proj and fc2 then must run on this kernel).
+
 Measured (H100 80GB HBM3, bf16, CUDA-graph replay, TFLOP/s against the tuned Triton kernel's best
 in the same run, 2026-11-27, ``bench/linear_lab``, ``bench/results/2026-11-27-h100-ws/labs/``):
 at B=8 (M = 36000) qkv 595.7 against 557.0, fc1 489.3 against 448.6, proj 471.8 against 434.8,
