@@ -35,9 +35,8 @@ CHUNK_STATS = True
 
 #: The chunk statistics are used for batches of at least this many tokens (B * N): they fix proj
 #: and fc2 to the Gluon kernel, which the tuner does not pick for them at small M. Encoder bf16
-#: A/B on an H100 (ms per scan,
-#: chunks against row_stats, 2026-11-27): B=8 3.119 against 3.158; B=4 3.312 / 3.287; B=2
-#: 3.485 / 3.423; B=1 3.951 / 3.865 (bench/results/2026-11-27-h100-s8/).
+#: A/B on an H100 (ms per scan, chunks against row_stats, 2026-11-27): B=8 3.119 against 3.158;
+#: B=4 3.312 / 3.287; B=2 3.485 / 3.423; B=1 3.951 / 3.865 (bench/results/2026-11-27-h100-s8/).
 CHUNK_STATS_MIN_ROWS = 32768
 
 #: Batches up to this size replay a CUDA graph (launch gaps matter there; larger batches are
