@@ -1,7 +1,11 @@
 """Shared test utilities: error metric, poisoning, tolerances, device skip markers."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +55,19 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill ``t`` with NaN so an element the kernel forgets to write fails the check."""
     return t.fill_(float("nan"))
+
+
+@contextlib.contextmanager
+def scratch_checkpoint(tmp_path_factory: pytest.TempPathFactory, name: str, **kwargs) -> Iterator[Path]:
+    """A random checkpoint (``bj.save_random_checkpoint(**kwargs)``) for one module's tests.
+
+    It is deleted when the module is done: a vit_base file is 709 MB, and pytest would
+    otherwise keep every module's copy until the session ends.
+    """
+    import brainjepa_fast as bj  # here, so that the kernel tests do not import the package
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    try:
+        yield bj.save_random_checkpoint(folder / name, **kwargs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -7,11 +7,13 @@ from safetensors.torch import load_file, save_file
 
 import brainjepa_fast as bj
 from brainjepa_fast.checkpoint import random_state_dicts, read_component
+from helpers import scratch_checkpoint
 
 
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory):
-    return bj.save_random_checkpoint(tmp_path_factory.mktemp("c") / "small.safetensors", seed=0, variant="vit_small")
+    with scratch_checkpoint(tmp_path_factory, "small.safetensors", seed=0, variant="vit_small") as path:
+        yield path
 
 
 def test_published_layout_has_384_float32_tensors(tmp_path):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from brainjepa_fast import outputs
 from brainjepa_fast.cli import main
 from brainjepa_fast.config import N_ROIS
 from brainjepa_fast.fmri import Preprocess
+from helpers import scratch_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 T = 16  # one time patch: 450 tokens, fast on CPU
@@ -25,8 +27,9 @@ D = 768
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return bj.save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "w.safetensors", seed=0)
+def weights(tmp_path_factory) -> Iterator[Path]:
+    with scratch_checkpoint(tmp_path_factory, "w.safetensors", seed=0) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from brainjepa_fast.config import ENCODER_TOLERANCE
 from brainjepa_fast.model import cpu_attention
 from brainjepa_fast.original import OriginalVisionTransformer
 from brainjepa_fast.position import load_gradient, time_table
-from helpers import rel_err
+from helpers import rel_err, scratch_checkpoint
 
 FIDELITY_TOL = 1e-5
 
@@ -34,8 +34,9 @@ def original_from_file(path, variant: str, img_size=(450, 160), component="targe
 
 @pytest.fixture(scope="module")
 def base_ckpt_ddp(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "base_ddp.safetensors"
-    return bj.save_random_checkpoint(path, seed=11, module_prefix=True, perturb=0.02)
+    with scratch_checkpoint(tmp_path_factory, "base_ddp.safetensors", seed=11, module_prefix=True,
+                            perturb=0.02) as path:
+        yield path
 
 
 def test_vit_base_matches_original_full_size(base_ckpt_ddp):

@@ -12,7 +12,7 @@ import brainjepa_fast as bj
 from brainjepa_fast.config import ENCODER_TOLERANCE
 from brainjepa_fast import triton_backend
 from brainjepa_fast.triton_backend import TritonRunner
-from helpers import HAS_CUDA, assert_close, requires_cuda, requires_triton
+from helpers import HAS_CUDA, assert_close, requires_cuda, requires_triton, scratch_checkpoint
 
 PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 ENCODER_TOL = {dtype: ENCODER_TOLERANCE["triton", name] for dtype, name in PRECISION.items()}
@@ -20,7 +20,8 @@ ENCODER_TOL = {dtype: ENCODER_TOLERANCE["triton", name] for dtype, name in PRECI
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return bj.save_random_checkpoint(tmp_path_factory.mktemp("c") / "base.safetensors", seed=21, perturb=0.02)
+    with scratch_checkpoint(tmp_path_factory, "base.safetensors", seed=21, perturb=0.02) as path:
+        yield path
 
 
 @requires_triton
