@@ -60,8 +60,18 @@ def compile_for_hopper(block_m: int, block_n: int, stages: int, unroll: int = 1,
     args, meta, _ = kernel_args(qkv, out, AttnConfig(block_m, block_n, block_m // 16, stages), unroll=unroll,
                                 anchored=bool(anchored))
     kernel = compile_sm90(_attn_fwd_overlap, args, meta, GluonASTSource)
-    seq = []
-    for line in kernel.asm["ptx"].splitlines():
+    row = dict(block_m=block_m, block_n=block_n, stages=stages, unroll=unroll, anchored=anchored,
+               smem=kernel.metadata.shared, sequence=ptx_sequence(kernel.asm["ptx"]))
+    row.update(cubin_usage(kernel))
+    row.update(sass_waits(kernel))
+    return row
+
+
+def ptx_sequence(ptx: str) -> str:
+    """The PTX's order of wgmma issues (``mma``), commits, waits (``wait0``, ``wait1``), exponentials
+    (``ex2``) and mbarrier waits, runs counted: ``"mmax4 commit ex2x64 wait0 ..."``."""
+    seq: list[list] = []
+    for line in ptx.splitlines():
         t = line.strip()
         word = ("mma" if t.startswith("wgmma.mma_async") else "commit" if t.startswith("wgmma.commit_group")
                 else "wait" + t.split()[-1].rstrip(";") if t.startswith("wgmma.wait_group")
@@ -71,23 +81,23 @@ def compile_for_hopper(block_m: int, block_n: int, stages: int, unroll: int = 1,
                 seq[-1][1] += 1
             else:
                 seq.append([word, 1])
-    row = dict(block_m=block_m, block_n=block_n, stages=stages, unroll=unroll, anchored=anchored,
-               smem=kernel.metadata.shared,
-               sequence=" ".join(f"{w}x{n}" if n > 1 else w for w, n in seq))
-    row.update(cubin_usage(kernel))
-    row.update(sass_waits(kernel))
-    return row
+    return " ".join(f"{w}x{n}" if n > 1 else w for w, n in seq)
+
+
+def sass_text(kernel) -> str:
+    """The SASS of a compiled kernel (``nvdisasm``)."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        return subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
 
 
 def sass_waits(kernel) -> dict:
     """wgmma instructions (``HGMMA``) and waits for them (``WARPGROUP.DEPBAR``) in the SASS: ptxas
     serializes every wgmma of a kernel (one wait after each, its warning C7514) when it cannot
     prove that no other instruction touches an accumulator in flight, whatever the PTX says."""
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    sass = sass_text(kernel)
     return dict(hgmma=sass.count("HGMMA."), depbar=sass.count("WARPGROUP.DEPBAR"))
 
 
