@@ -57,7 +57,6 @@ Status: NOT YET RUN ON A GPU (the session had no device time). The GPU run
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from typing import Optional
@@ -435,13 +434,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ValueError as exc:
             p.error(str(exc))
     if args.compile_only:
-        for spec in args.configs:
-            try:
-                print(json.dumps(compile_for_hopper(spec)), flush=True)
-            except Exception as exc:
-                print(f"{spec}: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
-                return 1
-        return 0
+        from bench.gluon_attention_lab import print_compiles
+
+        return print_compiles(args.configs, compile_for_hopper)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --compile-only)")
     return run_gpu(args.configs)

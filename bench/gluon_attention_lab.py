@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import triton
@@ -142,6 +142,18 @@ def run_gpu(shapes: list[tuple[int, int]], configs: list[tuple[int, int, int, in
     return 1 if failed else 0
 
 
+def print_compiles(configs: list, compile_fn: Callable[[Any], dict]) -> int:
+    """``--compile-only``: one JSON line per configuration (``compile_fn(config)``); at the first
+    that fails, its error and exit status 1."""
+    for cfg in configs:
+        try:
+            print(json.dumps(compile_fn(cfg)), flush=True)
+        except Exception as exc:
+            print(f"{cfg}: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
+            return 1
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--compile-only", action="store_true")
@@ -158,13 +170,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         bm, bn, st, un, anchored = found.groups()
         configs.append((int(bm), int(bn), int(st), int(un or 1), int(anchored == "a")))
     if args.compile_only:
-        for cfg in configs:
-            try:
-                print(json.dumps(compile_for_hopper(*cfg)), flush=True)
-            except Exception as exc:
-                print(f"{cfg}: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
-                return 1
-        return 0
+        return print_compiles(configs, lambda cfg: compile_for_hopper(*cfg))
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --compile-only)")
     return run_gpu([(8, 4500), (1, 4500), (2, 777), (1, 13500)], configs)
