@@ -377,6 +377,8 @@ def check_cases(qkv_of) -> list[tuple[str, torch.Tensor]]:
     q, k = late.float()[0, :, 0], late.float()[0, :, 1]
     s = torch.einsum("nhd,mhd->hnm", q, k) * HEAD_DIM ** -0.5 * LOG2E
     excess = (s.amax(-1) - s[..., :128].amax(-1)).max().item()
+    if excess <= 128:
+        raise ValueError(f"the late key must overflow the anchor (scores 128 past it in log2 units), got {excess:.0f}")
     cases.append((f"late key {excess:.0f} past the anchor", late))
     return cases
 
