@@ -3,8 +3,8 @@
 #   bash bench/gpu_session.sh tests attention linear compare
 # Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small
 # shapes on the GPU too), tests-flash (the attention kernels' tests only), attention / linear /
-# linear-bf16 / gluon / attention-ws (kernel labs; attention-ws: FA3 schedule, 300 s cap against a hang), gluon-anchored / attention-anchored (the anchored softmax
-# against the online one),
+# linear-bf16 / gluon (kernel labs), attention-ws (the FA3-schedule lab, capped at 300 s in case
+# it hangs), gluon-anchored / attention-anchored (the anchored softmax against the online one),
 # variant-ab (encoder A/B over attention variant sets), compare (python -m bench.compare),
 # profile (per-kernel time of the encoder), ncu (Nsight Compute on attention and fc1;
 # NCU_ATTENTION overrides the attention specs), matmul-ab (encoder with the Gluon matmul passing
