@@ -23,7 +23,8 @@ per (batch, head, 128 query rows), three partitions (``gl.warp_specialize``):
   both have retired their products from it: ``empty`` barriers of count 2). Step j of a
   consumer (:func:`_step`), FA3's intra-warpgroup order: issue S_j = Q K_j^T and O += P_{j-1}
   V_{j-1}, wait for S_j only (``wait_group 1``), softmax of S_j while the product with V_{j-1}
-  runs, wait for it, release block j - 1's slot;
+  runs, P_j into shared memory (two buffers a consumer; the product reads both operands from
+  there), wait for the product, release block j - 1's slot;
 * PINGPONG: the consumers issue their two products in turn (``turn`` barriers, as in
   :mod:`kernels.matmul_hopper`), so one's softmax runs while the other's products do.
 
@@ -32,23 +33,22 @@ Softmax: online (running max, rescale), or ANCHORED at the first key block's row
 writes which of its rows came out non-finite into shared memory (``verdict``); if any did, the
 producer streams the key blocks again and both consumers run the online softmax.
 
-Shared memory at BLOCK_N 128, STAGES 3: 16 KB of Q + 96 KB of K/V; registers by ``setmaxnreg``
-as in the matmul: 248 / 232 for the consumers, 24 for the producer (one program per SM).
+Shared memory at BLOCK_N 128, STAGES 3: 16 KB of Q + 96 KB of K/V + 64 KB of P (181 KB in
+all); registers by ``setmaxnreg`` as in the matmul: 248 / 232 for the consumers, 24 for the
+producer (one program per SM).
 
 What ptxas makes of it (offline sm_90 compiles, ``--compile-only``; session 9, 2026-11-27):
-no spills, no serialized wgmma (144 HGMMA, 24 waits at 128s3ap), and the PTX order above. But
-in the SASS the wait for P_{j-1} V_{j-1} comes after only 0-6 of a step's 64 exponentials
-(``exps_under_pv``): P is loop-carried as the product's A operand, so ptxas forms P_j in the
-registers the running product reads, and must wait for it first. So within one warpgroup the
-softmax barely overlaps its own products; what is left is the overlap between the two
-warpgroups. Two things tried offline did not help: two steps a loop iteration (P alternating
-between two register sets; the wait stays early and 4 bytes spill), and the order of
-``kernels/flash_attention_hopper.py`` (issue S_{j+1}, softmax of S_j, then P_j V_j) inside
-this warp-specialized kernel: ptxas serialized every wgmma (C7512, "insufficient register
-resources") at any block size, one or two steps a loop iteration. Next variants, if the GPU run
-shows the overlap between warpgroups is not enough: P through shared memory (the product with
-both operands there, no register hazard; double-buffered, 32 KB a consumer), and three consumer
-warpgroups (192 query rows, FA3's tile at head dim 64).
+at 128s3ap no spills, no serialized wgmma (144 HGMMA, 24 waits), and in the SASS all 64
+exponentials of a step before the wait for P_{j-1} V_{j-1} (``exps_under_pv``). The first
+version kept P in registers, as the product's A operand (3314d33): after making P_{j-1} a
+dependency of the product's wait (without it ptxas serialized every wgmma, C7513), ptxas still
+formed P_j in the registers the loop carries P in, the ones the running product reads, and so
+waited for that product after 0-6 of the 64 exponentials; two steps a loop iteration did not
+change that. The order of ``kernels/flash_attention_hopper.py`` (issue S_{j+1}, softmax of S_j,
+then P_j V_j) inside this warp-specialized kernel had every wgmma serialized (C7512,
+"insufficient register resources") at any block size, one or two steps a loop iteration. A
+next variant, if this one loses: three consumer warpgroups (192 query rows, FA3's tile at head
+dim 64).
 
 Status: NOT YET RUN ON A GPU (the session had no device time). The GPU run
 (``bench/gpu_session.sh attention-ws``) checks every configuration against the fp32 reference
@@ -65,7 +65,8 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from brainjepa_kernels.flash_attention import HEAD_DIM, LOG2E
@@ -109,7 +110,7 @@ def _stream(kv_desc, k_smem, v_smem, ready, empty, b, h, H, N, t0):
 
 @gluon.jit
 def _producer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict, verdict_bar,
-              qk_scale, N, H, ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, ROLE: gl.constexpr):
+              p_all, qk_scale, N, H, ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, ROLE: gl.constexpr):
     """One warp (ROLE 2; the worker partitions share one signature): both consumers' Q tiles,
     then the key blocks; again after an anchored pass that overflowed."""
     D: gl.constexpr = q_desc.block_type.shape[2]
@@ -125,13 +126,14 @@ def _producer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, em
 
 
 @gluon.jit
-def _step(j, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_op, m_i, l_i, qk_scale, N,
+def _step(j, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_smem, m_i, l_i, qk_scale, N,
           ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr, ROLE: gl.constexpr,
-          mma_s: gl.constexpr, p_layout: gl.constexpr, rows_of: gl.constexpr):
+          mma_s: gl.constexpr, rows_of: gl.constexpr):
     """Key block j >= 1 (ring step t0 + j, this pass's turn k0 + j - 1): issue S_j = Q K_j^T and
-    O += P_{j-1} V_{j-1}, wait for S_j, its softmax while the second product runs, wait for it,
-    release block j - 1's slot. MASKED: keys past N scored -inf (the last block). Returns (acc,
-    P_j as the next product's A operand, m, l)."""
+    O += P_{j-1} V_{j-1} (P_{j-1} from this consumer's shared-memory buffer (j - 1) % 2), wait
+    for S_j, its softmax while the second product runs, P_j into buffer j % 2, wait for the
+    product, release block j - 1's slot. MASKED: keys past N scored -inf (the last block).
+    Returns (acc, m, l)."""
     BN: gl.constexpr = k_smem.shape[2]
     D: gl.constexpr = k_smem.shape[3]
     STAGES: gl.constexpr = k_smem.shape[0]
@@ -147,7 +149,8 @@ def _step(j, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_op, m_i, l_i,
             mbarrier.wait(turn.index(1), k & 1)
     s = warpgroup_mma(q, k_smem.index(slot).reshape([BN, D]).permute((1, 0)),
                       gl.zeros([ROWS, BN], gl.float32, layout=mma_s), use_acc=False, is_async=True)
-    acc = warpgroup_mma(p_op, v_smem.index(prev).reshape([BN, D]), acc, is_async=True)
+    acc = warpgroup_mma(p_smem.index(2 * ROLE + (j - 1) % 2), v_smem.index(prev).reshape([BN, D]), acc,
+                        is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - ROLE))
     s = warpgroup_mma_wait(1, deps=(s, ))
@@ -163,30 +166,30 @@ def _step(j, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_op, m_i, l_i,
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, axis=1)
         m_i = m_new
-    # P_{j-1}, the running product's A operand, is a dependency of its wait: without that, LLVM
-    # reused its registers for P_j and ptxas serialized every wgmma of the kernel (C7513). ptxas
-    # still forms P_j in the registers the loop carries P in, the ones the running product reads,
-    # so it waits for that product after the first few exponentials (module docstring).
-    p_next = gl.convert_layout(p.to(q.dtype), p_layout)
-    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    # P through shared memory, not registers: with P_{j-1} as the running product's register
+    # operand, ptxas formed P_j in those same registers and so waited for the product after the
+    # first few exponentials (module docstring).
+    p_smem.index(2 * ROLE + j % 2).store(p.to(q.dtype))
+    fence_async_shared()
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
     mbarrier.arrive(empty.index(prev))
     if not ANCHORED:
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, rows_of), 1)
-    return acc, p_next, m_i, l_i
+    return acc, m_i, l_i
 
 
 @gluon.jit
-def _attend(q, k_smem, v_smem, ready, empty, turn, qk_scale, N, t0, k0, ANCHORED: gl.constexpr,
+def _attend(q, k_smem, v_smem, ready, empty, turn, p_smem, qk_scale, N, t0, k0, ANCHORED: gl.constexpr,
             PINGPONG: gl.constexpr, ROLE: gl.constexpr):
     """(acc [ROWS, 64] fp32, l [ROWS]) of the query tile ``q`` over all N keys of its head, the
-    key blocks at ring steps t0.. and this pass's turns from k0. ANCHORED: m is the first
+    key blocks at ring steps t0.. and this pass's turns from k0; P through ``p_smem`` [4, ROWS,
+    BLOCK_N] (buffers 2 * ROLE and 2 * ROLE + 1 are this consumer's). ANCHORED: m is the first
     block's row max, kept."""
     BN: gl.constexpr = k_smem.shape[2]
     D: gl.constexpr = k_smem.shape[3]
     STAGES: gl.constexpr = k_smem.shape[0]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     rows_of: gl.constexpr = gl.SliceLayout(1, mma)
     n_blocks = gl.cdiv(N, BN)
 
@@ -200,16 +203,18 @@ def _attend(q, k_smem, v_smem, ready, empty, turn, qk_scale, N, t0, k0, ANCHORED
     m_i = gl.max(s, axis=1) * qk_scale
     p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
     l_i = gl.sum(p, axis=1)
-    p_op = gl.convert_layout(p.to(q.dtype), p_layout)
+    p_smem.index(2 * ROLE).store(p.to(q.dtype))
+    fence_async_shared()
     acc = gl.zeros([ROWS, D], gl.float32, layout=mma)
     for j in range(1, n_blocks - 1):
-        acc, p_op, m_i, l_i = _step(j, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_op, m_i, l_i, qk_scale,
-                                    N, ANCHORED, PINGPONG, False, ROLE, mma_s, p_layout, rows_of)
+        acc, m_i, l_i = _step(j, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_smem, m_i, l_i, qk_scale,
+                              N, ANCHORED, PINGPONG, False, ROLE, mma_s, rows_of)
     if n_blocks > 1:
-        acc, p_op, m_i, l_i = _step(n_blocks - 1, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_op, m_i, l_i,
-                                    qk_scale, N, ANCHORED, PINGPONG, True, ROLE, mma_s, p_layout, rows_of)
+        acc, m_i, l_i = _step(n_blocks - 1, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_smem, m_i, l_i,
+                              qk_scale, N, ANCHORED, PINGPONG, True, ROLE, mma_s, rows_of)
     last = (t0 + n_blocks - 1) % STAGES
-    acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BN, D]), acc, is_async=True)
+    acc = warpgroup_mma(p_smem.index(2 * ROLE + (n_blocks - 1) % 2), v_smem.index(last).reshape([BN, D]), acc,
+                        is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc, ))
     mbarrier.arrive(empty.index(last))
     return acc, l_i
@@ -217,7 +222,7 @@ def _attend(q, k_smem, v_smem, ready, empty, turn, qk_scale, N, t0, k0, ANCHORED
 
 @gluon.jit
 def _consumer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict, verdict_bar,
-              qk_scale, N, H, ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, ROLE: gl.constexpr):
+              p_all, qk_scale, N, H, ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, ROLE: gl.constexpr):
     """One warpgroup: query rows row0 + ROLE * 64 .. + 64 of this program, written to out_ptr
     [B*N, H*64] (rows < N)."""
     D: gl.constexpr = q_desc.block_type.shape[2]
@@ -228,7 +233,7 @@ def _consumer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, em
     b, h, row0 = _tile(N, H)
     q = q_smem.index(ROLE).reshape([ROWS, D])
     mbarrier.wait(q_bar, 0)
-    acc, l_i = _attend(q, k_smem, v_smem, ready, empty, turn, qk_scale, N, 0, 0, ANCHORED, PINGPONG, ROLE)
+    acc, l_i = _attend(q, k_smem, v_smem, ready, empty, turn, p_all, qk_scale, N, 0, 0, ANCHORED, PINGPONG, ROLE)
     if ANCHORED:
         bad = (~(gl.convert_layout(l_i, rows_of) < float("inf"))).to(gl.int32) \
             + gl.sum((~(gl.abs(acc) < float("inf"))).to(gl.int32), axis=1)
@@ -238,7 +243,7 @@ def _consumer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, em
         mbarrier.wait(verdict_bar, 0)
         if _redo(verdict, 4):  # a key scored far above the anchor (or NaN inputs): the running max
             n_blocks = gl.cdiv(N, BN)
-            acc, l_i = _attend(q, k_smem, v_smem, ready, empty, turn, qk_scale, N, n_blocks, n_blocks - 1, False,
+            acc, l_i = _attend(q, k_smem, v_smem, ready, empty, turn, p_all, qk_scale, N, n_blocks, n_blocks - 1, False,
                                PINGPONG, ROLE)
     o = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, rows_of), 1)
     rows = row0 + ROLE * ROWS + gl.arange(0, ROWS, layout=rows_of)
@@ -249,7 +254,7 @@ def _consumer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, em
 
 @gluon.jit(do_not_specialize=["N", "H"])
 def _attn_fwd_ws(q_desc, kv_desc, out_ptr, qk_scale, N, H, STAGES: gl.constexpr, ANCHORED: gl.constexpr,
-                 PINGPONG: gl.constexpr):
+                 PINGPONG: gl.constexpr, P_LAYOUT: gl.constexpr):
     """Program (b, h, 128 query rows): see the module docstring. q_desc / kv_desc: TMA
     descriptors over qkv as [B, N, 3*H*64] with boxes [1, 64, 64] / [1, BLOCK_N, 64]; out_ptr
     [B*N, H*64]."""
@@ -258,6 +263,7 @@ def _attn_fwd_ws(q_desc, kv_desc, out_ptr, qk_scale, N, H, STAGES: gl.constexpr,
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + kv_desc.block_type.shape, kv_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + kv_desc.block_type.shape, kv_desc.layout)
     verdict = gl.allocate_shared_memory(gl.int32, [2 * ROWS], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    p_all = gl.allocate_shared_memory(dtype, [4, ROWS, kv_desc.block_type.shape[1]], P_LAYOUT)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     verdict_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -272,11 +278,11 @@ def _attn_fwd_ws(q_desc, kv_desc, out_ptr, qk_scale, N, H, STAGES: gl.constexpr,
         mbarrier.init(turn.index(r), count=1)
     gl.warp_specialize([
         (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                     verdict_bar, qk_scale, N, H, ANCHORED, PINGPONG, 0)),
+                     verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 0)),
         (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                     verdict_bar, qk_scale, N, H, ANCHORED, PINGPONG, 1)),
+                     verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 1)),
         (_producer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                     verdict_bar, qk_scale, N, H, ANCHORED, PINGPONG, 2)),
+                     verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 2)),
     ], [4, 1], [232, 24])
 
 
@@ -301,7 +307,8 @@ def kernel_args(qkv: torch.Tensor, out: torch.Tensor, block_n: int = 128, stages
                                 gl.NVMMASharedLayout.get_default_for(box, gdt))
 
     args = (desc(ROWS.value), desc(block_n), out, D ** -0.5 * LOG2E, N, H)
-    meta = dict(STAGES=stages, ANCHORED=anchored, PINGPONG=pingpong, num_warps=4, maxnreg=168)
+    meta = dict(STAGES=stages, ANCHORED=anchored, PINGPONG=pingpong, num_warps=4, maxnreg=168,
+                P_LAYOUT=gl.NVMMASharedLayout.get_default_for([ROWS.value, block_n], gdt))
     return args, meta, (triton.cdiv(N, BLOCK_M.value) * B * H, )
 
 
