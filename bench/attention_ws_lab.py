@@ -13,29 +13,31 @@ the other's products.
 The kernel (same contract as :func:`kernels.flash_attention.flash_attention`: ``out`` [B, N,
 H*64] = softmax(q_h k_h^T * scale) v_h from the packed ``qkv`` [B, N, 3, H, 64], read in place;
 the function it must equal is :func:`kernels.flash_attention.attention_reference`). One program
-per (batch, head, 128 query rows), three partitions (``gl.warp_specialize``):
+per (batch, head, 128 or 192 query rows), partitions by ``gl.warp_specialize``:
 
-* a producer warp loads both consumers' Q tiles, then streams the head's key blocks (K and V,
+* a producer warp loads the consumers' Q tiles, then streams the head's key blocks (K and V,
   BLOCK_N x 64 each) through a ring of STAGES shared-memory slots, TMA through 3-D descriptors
   over qkv as [B, N, 3*H*64], so that a block past row N of its batch is zero-filled by the TMA
   unit (the ragged last block needs no masked loads; no other batch's values are ever read);
-* two consumer warpgroups, 64 query rows each, share every key block (a slot is released when
-  both have retired their products from it: ``empty`` barriers of count 2). Step j of a
+* two or three consumer warpgroups (CONSUMERS; FA3's tile at head dim 64 has three), 64 query
+  rows each, share every key block (a slot is released when all have retired their products
+  from it: ``empty`` barriers of count CONSUMERS). Step j of a
   consumer (:func:`_step`), FA3's intra-warpgroup order: issue S_j = Q K_j^T and O += P_{j-1}
   V_{j-1}, wait for S_j only (``wait_group 1``), softmax of S_j while the product with V_{j-1}
   runs, P_j into shared memory (two buffers a consumer; the product reads both operands from
   there), wait for the product, release block j - 1's slot;
-* PINGPONG: the consumers issue their two products in turn (``turn`` barriers, as in
-  :mod:`kernels.matmul_hopper`), so one's softmax runs while the other's products do.
+* PINGPONG: the consumers issue their two products in turn, round robin (``turn`` barriers, as
+  in :mod:`kernels.matmul_hopper`), so one's softmax runs while another's products do.
 
 Softmax: online (running max, rescale), or ANCHORED at the first key block's row max (see
 :func:`kernels.flash_attention._attend_keys`), with the redo inside the kernel: each consumer
 writes which of its rows came out non-finite into shared memory (``verdict``); if any did, the
 producer streams the key blocks again and both consumers run the online softmax.
 
-Shared memory at BLOCK_N 128, STAGES 3: 16 KB of Q + 96 KB of K/V + 64 KB of P (181 KB in
-all); registers by ``setmaxnreg`` as in the matmul: 248 / 232 for the consumers, 24 for the
-producer (one program per SM).
+Shared memory at BLOCK_N 128, STAGES 3, two consumers: 16 KB of Q + 96 KB of K/V + 64 KB of P
+(181 KB in all); registers by ``setmaxnreg`` as in the matmul: 248 / 232 for the consumers, 24
+for the producer (one program per SM). Three consumers: 168 / 160 / 160 / 24; at BLOCK_N 128
+ptxas spills 32-40 bytes, at BLOCK_N 64 none (141 KB of shared memory with 4 slots).
 
 What ptxas makes of it (offline sm_90 compiles, ``--compile-only``; session 9, 2026-11-27):
 at 128s3ap no spills, no serialized wgmma (144 HGMMA, 24 waits), and in the SASS all 64
@@ -46,9 +48,7 @@ formed P_j in the registers the loop carries P in, the ones the running product 
 waited for that product after 0-6 of the 64 exponentials; two steps a loop iteration did not
 change that. The order of ``kernels/flash_attention_hopper.py`` (issue S_{j+1}, softmax of S_j,
 then P_j V_j) inside this warp-specialized kernel had every wgmma serialized (C7512,
-"insufficient register resources") at any block size, one or two steps a loop iteration. A
-next variant, if this one loses: three consumer warpgroups (192 query rows, FA3's tile at head
-dim 64).
+"insufficient register resources") at any block size, one or two steps a loop iteration.
 
 Status: NOT YET RUN ON A GPU (the session had no device time). The GPU run
 (``bench/gpu_session.sh attention-ws``) checks every configuration against the fp32 reference
@@ -71,25 +71,27 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from brainjepa_kernels.flash_attention import HEAD_DIM, LOG2E
 
-#: Query rows of a consumer warpgroup, and of a program (two consumers).
+#: Query rows of a consumer warpgroup (a program has two or three).
 ROWS = gl.constexpr(64)
-BLOCK_M = gl.constexpr(2 * ROWS.value)
 
 
 @gluon.jit
-def _tile(N, H):
-    """(batch, head, first query row) of this program; programs numbered head by head."""
-    n_m = gl.cdiv(N, BLOCK_M)
+def _tile(N, H, C: gl.constexpr):
+    """(batch, head, first query row) of this program of C consumers (C * ROWS query rows);
+    programs numbered head by head."""
+    n_m = gl.cdiv(N, C * ROWS)
     pid = gl.program_id(0)
-    return pid // n_m // H, pid // n_m % H, pid % n_m * BLOCK_M
+    return pid // n_m // H, pid // n_m % H, pid % n_m * (C * ROWS)
 
 
 @gluon.jit
-def _redo(verdict, WARPS: gl.constexpr):
-    """Whether either consumer found a non-finite row (``verdict`` [2 * ROWS] int32 in shared
-    memory: consumer r's rows at r * ROWS..), read by a partition of WARPS warps."""
-    flags = verdict.load(gl.BlockedLayout([1], [32], [WARPS], [0]))
-    return gl.sum(flags, axis=0) > 0
+def _redo(verdict, C: gl.constexpr, WARPS: gl.constexpr):
+    """Whether any of the C consumers found a non-finite row (``verdict`` [C * ROWS] int32 in
+    shared memory: consumer r's rows at r * ROWS..), read by a partition of WARPS warps."""
+    bad = 0
+    for r in gl.static_range(C):
+        bad += gl.sum(verdict.slice(r * ROWS, ROWS).load(gl.BlockedLayout([1], [32], [WARPS], [0])), axis=0)
+    return bad > 0
 
 
 @gluon.jit
@@ -111,17 +113,18 @@ def _stream(kv_desc, k_smem, v_smem, ready, empty, b, h, H, N, t0):
 @gluon.jit
 def _producer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict, verdict_bar,
               p_all, qk_scale, N, H, ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, ROLE: gl.constexpr):
-    """One warp (ROLE 2; the worker partitions share one signature): both consumers' Q tiles,
+    """One warp (ROLE C; the worker partitions share one signature): the C consumers' Q tiles,
     then the key blocks; again after an anchored pass that overflowed."""
     D: gl.constexpr = q_desc.block_type.shape[2]
-    b, h, row0 = _tile(N, H)
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, row0, h * D], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [b, row0 + ROWS, h * D], q_bar, q_smem.index(1))
+    C: gl.constexpr = q_smem.shape[0]
+    b, h, row0 = _tile(N, H, C)
+    mbarrier.expect(q_bar, C * q_desc.block_type.nbytes)
+    for r in gl.static_range(C):
+        tma.async_copy_global_to_shared(q_desc, [b, row0 + r * ROWS, h * D], q_bar, q_smem.index(r))
     _stream(kv_desc, k_smem, v_smem, ready, empty, b, h, H, N, 0)
     if ANCHORED:
         mbarrier.wait(verdict_bar, 0)
-        if _redo(verdict, 1):
+        if _redo(verdict, C, 1):
             _stream(kv_desc, k_smem, v_smem, ready, empty, b, h, H, N, gl.cdiv(N, kv_desc.block_type.shape[1]))
 
 
@@ -137,6 +140,7 @@ def _step(j, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_smem, m_i, l_
     BN: gl.constexpr = k_smem.shape[2]
     D: gl.constexpr = k_smem.shape[3]
     STAGES: gl.constexpr = k_smem.shape[0]
+    C: gl.constexpr = p_smem.shape[0] // 2
     t = t0 + j
     slot = t % STAGES
     prev = (t - 1) % STAGES
@@ -146,13 +150,13 @@ def _step(j, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_smem, m_i, l_
         if ROLE == 0:
             mbarrier.wait(turn.index(0), (k - 1) & 1, pred=k > 0)
         else:
-            mbarrier.wait(turn.index(1), k & 1)
+            mbarrier.wait(turn.index(ROLE), k & 1)
     s = warpgroup_mma(q, k_smem.index(slot).reshape([BN, D]).permute((1, 0)),
                       gl.zeros([ROWS, BN], gl.float32, layout=mma_s), use_acc=False, is_async=True)
     acc = warpgroup_mma(p_smem.index(2 * ROLE + (j - 1) % 2), v_smem.index(prev).reshape([BN, D]), acc,
                         is_async=True)
     if PINGPONG:
-        mbarrier.arrive(turn.index(1 - ROLE))
+        mbarrier.arrive(turn.index((ROLE + 1) % C))
     s = warpgroup_mma_wait(1, deps=(s, ))
     if MASKED:
         key = j * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_s))
@@ -182,8 +186,8 @@ def _step(j, t0, k0, q, k_smem, v_smem, ready, empty, turn, acc, p_smem, m_i, l_
 def _attend(q, k_smem, v_smem, ready, empty, turn, p_smem, qk_scale, N, t0, k0, ANCHORED: gl.constexpr,
             PINGPONG: gl.constexpr, ROLE: gl.constexpr):
     """(acc [ROWS, 64] fp32, l [ROWS]) of the query tile ``q`` over all N keys of its head, the
-    key blocks at ring steps t0.. and this pass's turns from k0; P through ``p_smem`` [4, ROWS,
-    BLOCK_N] (buffers 2 * ROLE and 2 * ROLE + 1 are this consumer's). ANCHORED: m is the first
+    key blocks at ring steps t0.. and this pass's turns from k0; P through ``p_smem`` [2 * C,
+    ROWS, BLOCK_N] (buffers 2 * ROLE and 2 * ROLE + 1 are this consumer's). ANCHORED: m is the first
     block's row max, kept."""
     BN: gl.constexpr = k_smem.shape[2]
     D: gl.constexpr = k_smem.shape[3]
@@ -226,11 +230,12 @@ def _consumer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, em
     """One warpgroup: query rows row0 + ROLE * 64 .. + 64 of this program, written to out_ptr
     [B*N, H*64] (rows < N)."""
     D: gl.constexpr = q_desc.block_type.shape[2]
+    C: gl.constexpr = q_smem.shape[0]
     BN: gl.constexpr = kv_desc.block_type.shape[1]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     rows_of: gl.constexpr = gl.SliceLayout(1, mma)
     cols_of: gl.constexpr = gl.SliceLayout(0, mma)
-    b, h, row0 = _tile(N, H)
+    b, h, row0 = _tile(N, H, C)
     q = q_smem.index(ROLE).reshape([ROWS, D])
     mbarrier.wait(q_bar, 0)
     acc, l_i = _attend(q, k_smem, v_smem, ready, empty, turn, p_all, qk_scale, N, 0, 0, ANCHORED, PINGPONG, ROLE)
@@ -241,7 +246,7 @@ def _consumer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, em
         gl.thread_barrier()  # every warp's rows are in shared memory before the arrive
         mbarrier.arrive(verdict_bar)
         mbarrier.wait(verdict_bar, 0)
-        if _redo(verdict, 4):  # a key scored far above the anchor (or NaN inputs): the running max
+        if _redo(verdict, C, 4):  # a key scored far above the anchor (or NaN inputs): the running max
             n_blocks = gl.cdiv(N, BN)
             acc, l_i = _attend(q, k_smem, v_smem, ready, empty, turn, p_all, qk_scale, N, n_blocks, n_blocks - 1, False,
                                PINGPONG, ROLE)
@@ -254,40 +259,56 @@ def _consumer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, em
 
 @gluon.jit(do_not_specialize=["N", "H"])
 def _attn_fwd_ws(q_desc, kv_desc, out_ptr, qk_scale, N, H, STAGES: gl.constexpr, ANCHORED: gl.constexpr,
-                 PINGPONG: gl.constexpr, P_LAYOUT: gl.constexpr):
-    """Program (b, h, 128 query rows): see the module docstring. q_desc / kv_desc: TMA
+                 PINGPONG: gl.constexpr, CONSUMERS: gl.constexpr, P_LAYOUT: gl.constexpr):
+    """Program (b, h, CONSUMERS * 64 query rows): see the module docstring. q_desc / kv_desc: TMA
     descriptors over qkv as [B, N, 3*H*64] with boxes [1, 64, 64] / [1, BLOCK_N, 64]; out_ptr
     [B*N, H*64]."""
+    C: gl.constexpr = CONSUMERS
+    gl.static_assert((C == 2) | (C == 3), "two or three consumer warpgroups")
     dtype: gl.constexpr = q_desc.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [C] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + kv_desc.block_type.shape, kv_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + kv_desc.block_type.shape, kv_desc.layout)
-    verdict = gl.allocate_shared_memory(gl.int32, [2 * ROWS], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-    p_all = gl.allocate_shared_memory(dtype, [4, ROWS, kv_desc.block_type.shape[1]], P_LAYOUT)
+    # (4 * ROWS entries, of which C * ROWS are used: shared-memory shapes are powers of two.)
+    verdict = gl.allocate_shared_memory(gl.int32, [4 * ROWS], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    p_all = gl.allocate_shared_memory(dtype, [2 * C, ROWS, kv_desc.block_type.shape[1]], P_LAYOUT)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     verdict_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [C, 1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    mbarrier.init(verdict_bar, count=2)
+    mbarrier.init(verdict_bar, count=C)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)
-    for r in gl.static_range(2):
+        mbarrier.init(empty.index(s), count=C)
+    for r in gl.static_range(C):
         mbarrier.init(turn.index(r), count=1)
-    gl.warp_specialize([
-        (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                     verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 0)),
-        (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                     verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 1)),
-        (_producer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                     verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 2)),
-    ], [4, 1], [232, 24])
+    # (Each partition's tuple written out: Gluon 3.6 rejects tuples built with `+` here.)
+    if C == 2:
+        gl.warp_specialize([
+            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
+                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 0)),
+            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
+                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 1)),
+            (_producer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
+                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 2)),
+        ], [4, 1], [232, 24])
+    else:
+        gl.warp_specialize([
+            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
+                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 0)),
+            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
+                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 1)),
+            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
+                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 2)),
+            (_producer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
+                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 3)),
+        ], [4, 4, 1], [160, 160, 24])
 
 
 def kernel_args(qkv: torch.Tensor, out: torch.Tensor, block_n: int = 128, stages: int = 3, anchored: bool = True,
-                pingpong: bool = True) -> tuple[tuple, dict, tuple]:
+                pingpong: bool = True, consumers: int = 2) -> tuple[tuple, dict, tuple]:
     """Arguments, compile-time arguments and grid of one launch for ``qkv`` [B, N, 3, H, 64]
     (contiguous, fp16/bf16) into ``out`` [B, N, H*64] (contiguous). Tensors may be on the CPU
     (offline compile)."""
@@ -296,8 +317,8 @@ def kernel_args(qkv: torch.Tensor, out: torch.Tensor, block_n: int = 128, stages
             or not out.is_contiguous() or out.shape != (B, N, H * D) or out.dtype != qkv.dtype:
         raise ValueError(f"qkv [B, N, 3, H, 64] and out [B, N, H*64]: contiguous fp16/bf16 of one dtype, got "
                          f"{tuple(qkv.shape)} {qkv.dtype} and {tuple(out.shape)} {out.dtype}")
-    if block_n not in (64, 128) or stages < 2:
-        raise ValueError(f"block_n 64 or 128 and stages >= 2, got {block_n}, {stages}")
+    if block_n not in (64, 128) or stages < 2 or consumers not in (2, 3):
+        raise ValueError(f"block_n 64 or 128, stages >= 2 and consumers 2 or 3, got {block_n}, {stages}, {consumers}")
     mat = qkv.view(B, N, 3 * H * D)
     gdt = gl.bfloat16 if qkv.dtype == torch.bfloat16 else gl.float16
 
@@ -307,32 +328,36 @@ def kernel_args(qkv: torch.Tensor, out: torch.Tensor, block_n: int = 128, stages
                                 gl.NVMMASharedLayout.get_default_for(box, gdt))
 
     args = (desc(ROWS.value), desc(block_n), out, D ** -0.5 * LOG2E, N, H)
-    meta = dict(STAGES=stages, ANCHORED=anchored, PINGPONG=pingpong, num_warps=4, maxnreg=168,
+    # Registers at launch: the whole register file over the warpgroups (the producer warp's
+    # warpgroup included), 3 or 4 of them; setmaxnreg moves them between the partitions.
+    meta = dict(STAGES=stages, ANCHORED=anchored, PINGPONG=pingpong, CONSUMERS=consumers, num_warps=4,
+                maxnreg=168 if consumers == 2 else 128,
                 P_LAYOUT=gl.NVMMASharedLayout.get_default_for([ROWS.value, block_n], gdt))
-    return args, meta, (triton.cdiv(N, BLOCK_M.value) * B * H, )
+    return args, meta, (triton.cdiv(N, consumers * ROWS.value) * B * H, )
 
 
 def attention_ws(qkv: torch.Tensor, block_n: int = 128, stages: int = 3, anchored: bool = True,
-                 pingpong: bool = True, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 pingpong: bool = True, consumers: int = 2, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """qkv [B, N, 3, H, 64] -> [B, N, H*64] with one lab configuration."""
     B, N, _, H, D = qkv.shape
     if out is None:
         out = torch.empty(B, N, H * D, device=qkv.device, dtype=qkv.dtype)
-    args, meta, grid = kernel_args(qkv, out, block_n, stages, anchored, pingpong)
+    args, meta, grid = kernel_args(qkv, out, block_n, stages, anchored, pingpong, consumers)
     _attn_fwd_ws[grid](*args, **meta)
     return out
 
 
-CONFIG_SPEC = re.compile(r"(64|128)s(\d)(a?)(p?)")
+CONFIG_SPEC = re.compile(r"(64|128)s(\d)(a?)(p?)(c3)?")
 
 
 def parse_config(spec: str) -> dict:
-    """``BLOCK_NsSTAGES[a][p]`` (a: anchored softmax, p: ping-pong turns) -> keyword arguments."""
+    """``BLOCK_NsSTAGES[a][p][c3]`` (a: anchored softmax, p: ping-pong turns, c3: three consumer
+    warpgroups, 192 query rows a program) -> keyword arguments."""
     found = CONFIG_SPEC.fullmatch(spec)
     if not found:
-        raise ValueError(f"config: expected BLOCK_NsSTAGES[a][p] such as 128s3ap, got {spec!r}")
-    bn, st, a, p = found.groups()
-    return dict(block_n=int(bn), stages=int(st), anchored=a == "a", pingpong=p == "p")
+        raise ValueError(f"config: expected BLOCK_NsSTAGES[a][p][c3] such as 128s3ap, got {spec!r}")
+    bn, st, a, p, c3 = found.groups()
+    return dict(block_n=int(bn), stages=int(st), anchored=a == "a", pingpong=p == "p", consumers=3 if c3 else 2)
 
 
 def compile_for_hopper(spec: str, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -348,9 +373,8 @@ def compile_for_hopper(spec: str, dtype: torch.dtype = torch.bfloat16) -> dict:
     args, meta, _ = kernel_args(qkv, out, **parse_config(spec))
     kernel = compile_sm90(_attn_fwd_ws, args, meta, GluonASTSource)
     ptx = kernel.asm["ptx"]
-    return dict(config=spec, smem=kernel.metadata.shared,
-                setmaxnreg=sorted({f"{k} {n}" for k, n in re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)",
-                                                                       ptx)}),
+    setmaxnreg = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
+    return dict(config=spec, smem=kernel.metadata.shared, setmaxnreg=sorted({f"{k} {n}" for k, n in setmaxnreg}),
                 ptx_wait1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
                 sequence=ptx_sequence(ptx), exps_under_pv=exps_under_second_product(sass_text(kernel)),
                 **sass_waits(kernel), **cubin_usage(kernel))
@@ -434,8 +458,10 @@ def run_gpu(specs: list[str]) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--compile-only", action="store_true")
-    p.add_argument("--configs", nargs="+", default=["128s3ap", "128s3a", "128s3p", "128s2ap", "64s4ap"],
-                   help="BLOCK_NsSTAGES[a][p]: key block 64 or 128, ring slots, a: anchored softmax, p: ping-pong")
+    p.add_argument("--configs", nargs="+",
+                   default=["128s3ap", "128s3a", "128s3p", "128s2ap", "64s4ap", "64s4apc3", "128s2apc3"],
+                   help="BLOCK_NsSTAGES[a][p][c3]: key block 64 or 128, ring slots, a: anchored softmax, "
+                        "p: ping-pong, c3: three consumer warpgroups")
     args = p.parse_args(argv)
     for spec in args.configs:
         try:
