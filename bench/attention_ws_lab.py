@@ -111,10 +111,11 @@ def _stream(kv_desc, k_smem, v_smem, ready, empty, b, h, H, N, t0):
 
 
 @gluon.jit
-def _producer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict, verdict_bar,
-              p_all, qk_scale, N, H, ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, ROLE: gl.constexpr):
+def _producer(shared, ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, ROLE: gl.constexpr):
     """One warp (ROLE C; the worker partitions share one signature): the C consumers' Q tiles,
     then the key blocks; again after an anchored pass that overflowed."""
+    (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict, verdict_bar, p_all,
+     qk_scale, N, H) = shared
     D: gl.constexpr = q_desc.block_type.shape[2]
     C: gl.constexpr = q_smem.shape[0]
     b, h, row0 = _tile(N, H, C)
@@ -225,10 +226,11 @@ def _attend(q, k_smem, v_smem, ready, empty, turn, p_smem, qk_scale, N, t0, k0, 
 
 
 @gluon.jit
-def _consumer(q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict, verdict_bar,
-              p_all, qk_scale, N, H, ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, ROLE: gl.constexpr):
+def _consumer(shared, ANCHORED: gl.constexpr, PINGPONG: gl.constexpr, ROLE: gl.constexpr):
     """One warpgroup: query rows row0 + ROLE * 64 .. + 64 of this program, written to out_ptr
     [B*N, H*64] (rows < N)."""
+    (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict, verdict_bar, p_all,
+     qk_scale, N, H) = shared
     D: gl.constexpr = q_desc.block_type.shape[2]
     C: gl.constexpr = q_smem.shape[0]
     BN: gl.constexpr = kv_desc.block_type.shape[1]
@@ -284,27 +286,17 @@ def _attn_fwd_ws(q_desc, kv_desc, out_ptr, qk_scale, N, H, STAGES: gl.constexpr,
         mbarrier.init(empty.index(s), count=C)
     for r in gl.static_range(C):
         mbarrier.init(turn.index(r), count=1)
-    # (Each partition's tuple written out: Gluon 3.6 rejects tuples built with `+` here.)
+    # The partitions' arguments: the runtime ones in one tuple (compile-time ones do not stay
+    # compile-time inside it), then ANCHORED, PINGPONG and the partition's role.
+    shared = (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict, verdict_bar, p_all,
+              qk_scale, N, H)
     if C == 2:
-        gl.warp_specialize([
-            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 0)),
-            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 1)),
-            (_producer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 2)),
-        ], [4, 1], [232, 24])
+        gl.warp_specialize([(_consumer, (shared, ANCHORED, PINGPONG, 0)), (_consumer, (shared, ANCHORED, PINGPONG, 1)),
+                            (_producer, (shared, ANCHORED, PINGPONG, 2))], [4, 1], [232, 24])
     else:
-        gl.warp_specialize([
-            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 0)),
-            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 1)),
-            (_consumer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 2)),
-            (_producer, (q_desc, kv_desc, out_ptr, q_smem, k_smem, v_smem, q_bar, ready, empty, turn, verdict,
-                         verdict_bar, p_all, qk_scale, N, H, ANCHORED, PINGPONG, 3)),
-        ], [4, 4, 1], [160, 160, 24])
+        gl.warp_specialize([(_consumer, (shared, ANCHORED, PINGPONG, 0)), (_consumer, (shared, ANCHORED, PINGPONG, 1)),
+                            (_consumer, (shared, ANCHORED, PINGPONG, 2)), (_producer, (shared, ANCHORED, PINGPONG, 3))],
+                           [4, 4, 1], [160, 160, 24])
 
 
 def kernel_args(qkv: torch.Tensor, out: torch.Tensor, block_n: int = 128, stages: int = 3, anchored: bool = True,
