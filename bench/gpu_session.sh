@@ -4,7 +4,8 @@
 # Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small
 # shapes on the GPU too), tests-flash (the attention kernels' tests only), attention / linear /
 # linear-bf16 / gluon (kernel labs), attention-ws (the FA3-schedule lab, capped at 300 s in case
-# it hangs), gluon-anchored / attention-anchored (the anchored softmax against the online one),
+# it hangs), attention-ws-ab (the encoder with its attention against the package's, A/B),
+# gluon-anchored / attention-anchored (the anchored softmax against the online one),
 # variant-ab (encoder A/B over attention variant sets), compare (python -m bench.compare),
 # profile (per-kernel time of the encoder), ncu (Nsight Compute on attention and fc1;
 # NCU_ATTENTION overrides the attention specs), matmul-ab (encoder with the Gluon matmul passing
@@ -33,6 +34,7 @@ for step in "$@"; do
     tests-flash) python3 -m pytest -q -rA tests/kernels/test_flash_attention.py tests/kernels/test_flash_attention_hopper.py 2>&1 | tee "$OUT/gpu_tests_flash.log" | grep -E "passed|failed|FAIL" ;;
     gluon) python3 -m bench.gluon_attention_lab 2>&1 | tee "$OUT/gluon_attention_lab.log" ;;
     attention-ws) timeout 300 python3 -m bench.attention_ws_lab 2>&1 | tee "$OUT/attention_ws_lab.log" ;;
+    attention-ws-ab) timeout 400 python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored lab:128s3ap lab:64s4apc3 --batch-sizes 8 1 --rounds 2 --reps 20 --out "$OUT/variant_ab_attention_ws.json" 2>&1 | tee "$OUT/variant_ab_attention_ws.log" | tail -8 ;;
     gluon-anchored) python3 -m bench.gluon_attention_lab --configs 64x128x3u2 64x128x3u2a 64x64x3u2a 64x64x4a 64x128x3a 2>&1 | tee "$OUT/gluon_attention_lab_anchored.log" ;;
     attention-anchored) python3 -m bench.attention_lab --variants pingpong,pingpong_anchored,tma,tma_anchored --dtypes bf16 --out "$OUT/attention_lab_anchored.json" 2>&1 | tee "$OUT/attention_lab_anchored.log" | tail -30 ;;
     matmul-ab) python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored --matmul-arms ws ws-rowstats triton --batch-sizes 8 1 --rounds 2 --reps 20 --out "$OUT/variant_ab_ws.json" 2>&1 | tee "$OUT/variant_ab_ws.log" | tail -6 ;;

@@ -1,10 +1,12 @@
 """A/B of the Triton encoder with different sets of attention variants to tune over (GPU).
 
-    python -m bench.variant_ab [--arms pingpong,tma,overlap pingpong,tma] [--batch-sizes 1 8]
+    python -m bench.variant_ab [--arms pingpong,tma,overlap pingpong,tma lab:128s3ap] [--batch-sizes 1 8]
                                [--rounds 3] [--reps 30] [--matmul-arms ws ws-rowstats triton] [--out PATH]
 
 One bf16 vit_base encoder on a seeded random checkpoint; each arm sets
 ``flash_attention.DEFAULT_VARIANTS`` and ``DEFAULT_GLUON_VARIANTS`` (the Gluon ones of the arm),
+or, as ``lab:SPEC``, runs attention with the lab kernel of ``bench.attention_ws_lab`` in
+configuration SPEC (``flash_attention`` replaced for that arm),
 with several ``--matmul-arms`` each arm runs once per matmul arm (:data:`MATMUL_ARMS`): ``ws``
 (the Gluon matmul offered, passing LayerNorm statistics in chunks), ``ws-rowstats`` (offered,
 statistics from ``row_stats``: ``brainjepa_fast.triton_backend.CHUNK_STATS``), ``triton`` (not
@@ -38,14 +40,39 @@ from tests.helpers import rel_err
 #: matmul arm -> (Gluon matmul offered, chunk statistics)
 MATMUL_ARMS = {"ws": (True, True), "ws-rowstats": (True, False), "triton": (False, False)}
 
+#: The package's attention entry point, restored by every arm that is not a lab arm.
+FLASH_ATTENTION = fa.flash_attention
+
+
+def lab_attention(spec: str):
+    """``flash_attention``'s stand-in for arm ``lab:SPEC``: qkv [B, N, 3, H, 64] -> [B, N, H*64]
+    by :func:`bench.attention_ws_lab.attention_ws` in configuration SPEC."""
+    from bench.attention_ws_lab import attention_ws, parse_config
+
+    try:
+        kwargs = parse_config(spec)
+    except ValueError as exc:
+        raise SystemExit(f"--arms: {exc}") from exc
+
+    def attention(qkv: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return attention_ws(qkv, **kwargs, out=out)
+    return attention
+
 
 def set_arm(enc: bj.Encoder, variants: tuple[str, ...], matmul: str = "ws") -> None:
     """Tune attention over ``variants`` from the next call on (Gluon variants among them are
-    offered where the Gluon kernel runs), and run the matmuls as the ``matmul`` arm says
-    (:data:`MATMUL_ARMS`): forget picks and graphs."""
-    for name in variants:
-        if name not in fa.VARIANTS and name not in fa.GLUON_VARIANTS:
-            raise SystemExit(f"--arms: unknown attention variant {name!r}")
+    offered where the Gluon kernel runs), or run it with the lab kernel (``("lab:SPEC",)``),
+    and run the matmuls as the ``matmul`` arm says (:data:`MATMUL_ARMS`): forget picks and
+    graphs."""
+    if any(name.startswith("lab:") for name in variants):
+        if len(variants) > 1:
+            raise SystemExit(f"--arms: a lab arm is one lab:SPEC alone, got {','.join(variants)}")
+        fa.flash_attention = lab_attention(variants[0][len("lab:"):])
+    else:
+        for name in variants:
+            if name not in fa.VARIANTS and name not in fa.GLUON_VARIANTS:
+                raise SystemExit(f"--arms: unknown attention variant {name!r}")
+        fa.flash_attention = FLASH_ATTENTION
     fa.DEFAULT_VARIANTS = tuple(v for v in variants if v in fa.VARIANTS)
     fa.DEFAULT_GLUON_VARIANTS = tuple(v for v in variants if v in fa.GLUON_VARIANTS)
     matmul_hopper.OFFERED, triton_backend.CHUNK_STATS = MATMUL_ARMS[matmul]

@@ -57,3 +57,31 @@ def test_rejects_what_it_cannot_run():
         kernel_args(qkv.half(), torch.empty(1, 10, 128, dtype=torch.float16), block_n=32)
     with pytest.raises(ValueError, match="consumers 2 or 3"):
         kernel_args(qkv.half(), torch.empty(1, 10, 128, dtype=torch.float16), consumers=4)
+
+
+def test_variant_ab_lab_arm_replaces_and_restores_flash_attention(monkeypatch):
+    """``bench.variant_ab``'s arm ``lab:SPEC`` runs the encoder's attention with this lab kernel
+    (the runner looks ``flash_attention`` up at every eager call); the next arm gets the
+    package's function back; a malformed arm is refused."""
+    import brainjepa_fast.triton_backend as triton_backend
+    import brainjepa_kernels.flash_attention as fa
+    import brainjepa_kernels.matmul_hopper as matmul_hopper
+    from bench import variant_ab
+
+    # set_arm changes these module settings: monkeypatch puts them back after the test.
+    for module, name in ((fa, "flash_attention"), (fa, "DEFAULT_VARIANTS"), (fa, "DEFAULT_GLUON_VARIANTS"),
+                         (matmul_hopper, "OFFERED"), (triton_backend, "CHUNK_STATS")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+
+    class NoRunner:
+        _triton_runner = None
+
+    variant_ab.set_arm(NoRunner(), ("lab:64s4apc3",), "triton")
+    assert fa.flash_attention is not variant_ab.FLASH_ATTENTION
+    with pytest.raises(ValueError, match="fp16/bf16"):  # the lab's launcher checks the input
+        fa.flash_attention(torch.randn(1, 10, 3, 2, 64))
+    variant_ab.set_arm(NoRunner(), ("pingpong",), "triton")
+    assert fa.flash_attention is variant_ab.FLASH_ATTENTION and fa.DEFAULT_VARIANTS == ("pingpong",)
+    for bad in (("lab:64s9x",), ("lab:128s3ap", "pingpong"), ("nonesuch",)):
+        with pytest.raises(SystemExit, match="--arms"):
+            variant_ab.set_arm(NoRunner(), bad, "triton")
