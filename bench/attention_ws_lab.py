@@ -97,7 +97,7 @@ def _redo(verdict, C: gl.constexpr, WARPS: gl.constexpr):
 @gluon.jit
 def _stream(kv_desc, k_smem, v_smem, ready, empty, b, h, H, N, t0):
     """Producer: the key blocks of (b, h) into the ring; block j as ring step t0 + j, into slot
-    (t0 + j) % STAGES once both consumers released that slot's previous use."""
+    (t0 + j) % STAGES once every consumer released that slot's previous use."""
     D: gl.constexpr = kv_desc.block_type.shape[2]
     BN: gl.constexpr = kv_desc.block_type.shape[1]
     STAGES: gl.constexpr = k_smem.shape[0]
@@ -358,18 +358,16 @@ def compile_for_hopper(spec: str, dtype: torch.dtype = torch.bfloat16) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from bench.attention_lab import compile_sm90, cubin_usage
-    from bench.gluon_attention_lab import ptx_sequence, sass_text, sass_waits
+    from bench.gluon_attention_lab import ptx_sequence, sass_text, sass_waits, warp_specialized_ptx
 
     qkv = torch.empty(8, 4500, 3, 12, HEAD_DIM, dtype=dtype)
     out = torch.empty(8, 4500, 12 * HEAD_DIM, dtype=dtype)
     args, meta, _ = kernel_args(qkv, out, **parse_config(spec))
     kernel = compile_sm90(_attn_fwd_ws, args, meta, GluonASTSource)
     ptx = kernel.asm["ptx"]
-    setmaxnreg = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
-    return dict(config=spec, smem=kernel.metadata.shared, setmaxnreg=sorted({f"{k} {n}" for k, n in setmaxnreg}),
-                ptx_wait1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)),
-                sequence=ptx_sequence(ptx), exps_under_pv=exps_under_second_product(sass_text(kernel)),
-                **sass_waits(kernel), **cubin_usage(kernel))
+    return dict(config=spec, smem=kernel.metadata.shared, **warp_specialized_ptx(ptx), sequence=ptx_sequence(ptx),
+                exps_under_pv=exps_under_second_product(sass_text(kernel)), **sass_waits(kernel),
+                **cubin_usage(kernel))
 
 
 def exps_under_second_product(sass: str) -> list[int]:

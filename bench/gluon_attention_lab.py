@@ -84,6 +84,14 @@ def ptx_sequence(ptx: str) -> str:
     return " ".join(f"{w}x{n}" if n > 1 else w for w, n in seq)
 
 
+def warp_specialized_ptx(ptx: str) -> dict:
+    """Of a warp-specialized kernel's PTX: the partitions' ``setmaxnreg`` values (``"inc 232"``,
+    ...) and the waits that leave one wgmma group in flight (``wait_group 1``)."""
+    setmaxnreg = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)
+    return dict(setmaxnreg=sorted({f"{kind} {n}" for kind, n in setmaxnreg}),
+                ptx_wait1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx)))
+
+
 def sass_text(kernel) -> str:
     """The SASS of a compiled kernel (``nvdisasm``)."""
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"

@@ -241,13 +241,10 @@ def compile_ws_only() -> list[dict]:
     shared memory, the partitions' ``setmaxnreg`` values, the PTX waits that leave one product in flight
     (``wait_group 1``), and the SASS counts of wgmma and of waits for them (one per wgmma would
     mean ptxas serialized them)."""
-    import re
-
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from bench.attention_lab import compile_sm90, cubin_usage
-    from bench.gluon_attention_lab import sass_waits
-    from brainjepa_kernels.layernorm import STATS_CHUNK
+    from bench.gluon_attention_lab import sass_waits, warp_specialized_ptx
     from brainjepa_kernels.matmul_hopper import CONFIGS, _matmul_ws_kernel, kernel_args
 
     rows = []
@@ -264,12 +261,8 @@ def compile_ws_only() -> list[dict]:
                 args, meta, _ = kernel_args(x, w, out, cfg, "residual", torch.empty(N), residual=out,
                                             chunk_stats=chunks)
             kernel = compile_sm90(_matmul_ws_kernel, args, meta, GluonASTSource)
-            setmaxnreg = sorted({f"{kind} {n}" for kind, n in re.findall(
-                r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", kernel.asm["ptx"])})
             row = dict(op=op, config=dataclasses.asdict(cfg), chunk_stats=chunked, smem=kernel.metadata.shared,
-                       setmaxnreg=setmaxnreg,
-                       ptx_wait1=len(re.findall(r"wgmma\.wait_group\.sync\.aligned\s+1;", kernel.asm["ptx"])),
-                       **sass_waits(kernel), **cubin_usage(kernel))
+                       **warp_specialized_ptx(kernel.asm["ptx"]), **sass_waits(kernel), **cubin_usage(kernel))
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
