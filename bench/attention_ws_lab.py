@@ -404,9 +404,10 @@ def check_cases(qkv_of) -> list[tuple[str, torch.Tensor]]:
     return cases
 
 
-def run_gpu(specs: list[str]) -> int:
-    """Check each configuration (poisoned output, bf16 kernel bound), then time it and the
-    package's tuned ``flash_attention`` as replayed CUDA graphs at B=8 and B=1, N = 4500."""
+def run_gpu(specs: list[str], check_only: bool = False) -> int:
+    """Check each configuration (poisoned output, bf16 kernel bound), then, unless ``check_only``,
+    time it and the package's tuned ``flash_attention`` as replayed CUDA graphs at B=8 and B=1,
+    N = 4500."""
     from bench.attention_lab import random_qkv, tflops
     from brainjepa_kernels._runtime import graph_time_ms
     from brainjepa_kernels.flash_attention import attention_reference, flash_attention
@@ -431,6 +432,8 @@ def run_gpu(specs: list[str]) -> int:
             ok = err <= bound
             failed += not ok
             print(f"{spec} {name}: err {err:.2e} {'ok' if ok else 'WRONG'}", flush=True)
+    if check_only:
+        return 1 if failed else 0
     for B in (8, 1):
         qkv = random_qkv(B, 4500, torch.bfloat16)
         out = torch.empty(B, 4500, qkv.shape[3] * HEAD_DIM, device=qkv.device, dtype=qkv.dtype)
@@ -448,6 +451,7 @@ def run_gpu(specs: list[str]) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--compile-only", action="store_true")
+    p.add_argument("--check-only", action="store_true", help="check correctness, time nothing")
     p.add_argument("--configs", nargs="+",
                    default=["128s3ap", "128s3a", "128s3p", "128s2ap", "64s4ap", "64s4apc3", "128s2apc3"],
                    help="BLOCK_NsSTAGES[a][p][c3]: key block 64 or 128, ring slots, a: anchored softmax, "
@@ -464,7 +468,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return print_compiles(args.configs, compile_for_hopper)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --compile-only)")
-    return run_gpu(args.configs)
+    return run_gpu(args.configs, args.check_only)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 #   bash bench/gpu_session.sh tests attention linear compare
 # Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small
 # shapes on the GPU too), tests-flash (the attention kernels' tests only), attention / linear /
-# linear-bf16 / gluon (kernel labs), attention-ws (the FA3-schedule lab, capped at 300 s in case
-# it hangs), attention-ws-ab (the encoder with its attention against the package's, A/B),
-# gluon-anchored / attention-anchored (the anchored softmax against the online one),
-# variant-ab (encoder A/B over attention variant sets), compare (python -m bench.compare),
-# profile (per-kernel time of the encoder), ncu (Nsight Compute on attention and fc1;
-# NCU_ATTENTION overrides the attention specs), matmul-ab (encoder with the Gluon matmul passing
-# chunk statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16, without
-# the memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU tests),
-# bench (pytest-benchmark suites).
+# linear-bf16 / gluon (kernel labs), attention-ws (the FA3-schedule lab: each of WS_SPECS checked
+# in its own process, 60 s cap in case it hangs, then the correct ones timed), attention-ws-ab
+# (the encoder with its attention against the package's, A/B), gluon-anchored /
+# attention-anchored (the anchored softmax against the online one), variant-ab (encoder A/B over
+# attention variant sets), compare (python -m bench.compare), profile (per-kernel time of the
+# encoder), ncu (Nsight Compute on attention, on the lab (NCU_WS specs) and on the Gluon fc1 and
+# qkv (NCU_MATMUL); NCU_ATTENTION overrides the attention specs), ncu-source (per-instruction
+# stall samples of the Gluon matmul), matmul-ab (encoder with the Gluon matmul passing chunk
+# statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16, without the
+# memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU tests),
+# tree-ab / tree-ab-fc1 (the encoder / the fc1 lab of this tree against AB_BASE, an export of the
+# base commit carried to the device), bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/brainjepa-out}
@@ -33,7 +36,14 @@ for step in "$@"; do
     tests-ws) python3 -m pytest -q -m gpu -rA tests/kernels/test_matmul_hopper.py tests/test_triton_encoder.py 2>&1 | tee "$OUT/gpu_tests_ws.log" | grep -E "passed|failed|FAIL|vs given|chunk M2|encoder triton|peak" ;;
     tests-flash) python3 -m pytest -q -rA tests/kernels/test_flash_attention.py tests/kernels/test_flash_attention_hopper.py 2>&1 | tee "$OUT/gpu_tests_flash.log" | grep -E "passed|failed|FAIL" ;;
     gluon) python3 -m bench.gluon_attention_lab 2>&1 | tee "$OUT/gluon_attention_lab.log" ;;
-    attention-ws) timeout 300 python3 -m bench.attention_ws_lab 2>&1 | tee "$OUT/attention_ws_lab.log" ;;
+    attention-ws)
+      good=()
+      for spec in ${WS_SPECS:-128s3ap 128s3a 128s3p 128s2ap 64s4ap 64s4apc3 128s2apc3}; do
+        timeout 60 python3 -m bench.attention_ws_lab --check-only --configs "$spec" 2>&1 | tee -a "$OUT/attention_ws_lab.log" | grep -Ev ": err .* ok$"
+        [ "${PIPESTATUS[0]}" = 0 ] && good+=("$spec") || echo "$spec failed or hung"
+      done
+      echo "correct: ${good[*]:-none}"
+      [ ${#good[@]} -gt 0 ] && timeout 240 python3 -m bench.attention_ws_lab --configs "${good[@]}" 2>&1 | grep -v ": err " | tee -a "$OUT/attention_ws_lab.log" ;;
     attention-ws-ab) timeout 400 python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored lab:128s3ap lab:64s4apc3 --batch-sizes 8 1 --rounds 2 --reps 20 --out "$OUT/variant_ab_attention_ws.json" 2>&1 | tee "$OUT/variant_ab_attention_ws.log" | tail -8 ;;
     gluon-anchored) python3 -m bench.gluon_attention_lab --configs 64x128x3u2 64x128x3u2a 64x64x3u2a 64x64x4a 64x128x3a 2>&1 | tee "$OUT/gluon_attention_lab_anchored.log" ;;
     attention-anchored) python3 -m bench.attention_lab --variants pingpong,pingpong_anchored,tma,tma_anchored --dtypes bf16 --out "$OUT/attention_lab_anchored.json" 2>&1 | tee "$OUT/attention_lab_anchored.log" | tail -30 ;;
@@ -52,12 +62,39 @@ for step in "$@"; do
         timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_attn_fwd python3 -m bench.ncu_target attention "$spec" > "$f" 2>&1
         echo "--- $spec"; grep -E "Duration|Throughput|Issue Slots|pipe_(tensor|xu|fma|alu|fmaheavy|fp16)|Stall|Achieved Occ|Registers" "$f" | head -40
       done
-      f="$OUT/ncu_fc1.txt"
-      timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_ln_linear python3 -m bench.ncu_target fc1 128x256x64s3w8sub > "$f" 2>&1
-      echo "--- fc1"; grep -E "Duration|Throughput|Issue Slots|pipe_(tensor|xu|fma|alu|fmaheavy)|Achieved Occ|Registers" "$f" | head -30
-      f="$OUT/ncu_fc1_ws.txt"
-      timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_matmul_ws python3 -m bench.ncu_target fc1 ws128x128x64s4 > "$f" 2>&1
-      echo "--- fc1 (Gluon)"; grep -E "SM Frequency|Duration|Issue Slots|pipe_(tensor|xu|fma|alu)_cycles|Registers" "$f" | head -20 ;;
+      for spec in ${NCU_WS:-}; do
+        f="$OUT/ncu_attention_ws_$spec.txt"
+        timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_attn_fwd_ws python3 -m bench.ncu_target attention-ws "$spec" > "$f" 2>&1
+        echo "--- lab $spec"; grep -E "SM Frequency|Duration|Issue Slots|pipe_(tensor|xu|fma|alu)_cycles|Stall|Registers" "$f" | head -30
+      done
+      for op in ${NCU_MATMUL:-fc1 qkv}; do
+        f="$OUT/ncu_${op}_ws.txt"
+        timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_matmul_ws python3 -m bench.ncu_target "$op" ws128x128x64s4 > "$f" 2>&1
+        echo "--- $op (Gluon)"; grep -E "SM Frequency|Duration|Issue Slots|pipe_(tensor|xu|fma|alu)_cycles|Stall|Registers" "$f" | head -30
+      done ;;
+    ncu-source)  # per-instruction stall samples (SASS) of the Gluon matmul, as CSV for bench/ncu_source.py
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      for op in ${NCU_MATMUL:-fc1 qkv}; do
+        timeout 300 "$NCU" --clock-control none -s 1 -c 1 -k regex:_matmul_ws --section WarpStateStats \
+          --section SourceCounters -o "$OUT/ncu_src_$op" python3 -m bench.ncu_target "$op" ws128x128x64s4 > "$OUT/ncu_src_$op.log" 2>&1
+        "$NCU" -i "$OUT/ncu_src_$op.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_src_$op.csv" 2>&1
+        echo "--- $op"; python3 -m bench.ncu_source "$OUT/ncu_src_$op.csv" | head -40
+      done ;;
+    tree-ab | tree-ab-fc1)  # this tree against AB_BASE (a carried export of the base commit), alternating:
+      # tree-ab the encoder with the default attention pool, tree-ab-fc1 the fc1 matmul lab
+      for rnd in ${AB_ROUNDS:-1 2}; do
+        for label in base new; do
+          tree=$PWD; [ $label = base ] && tree=$PWD/${AB_BASE:?export of the base commit}
+          (cd "$tree" && python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || exit 1
+           if [ "$step" = tree-ab ]; then
+             python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored \
+               --batch-sizes 8 1 --rounds 1 --reps 30 --out "$OUT/tree_ab_${label}_$rnd.json" 2>&1 | grep median
+           else
+             python3 -m bench.linear_lab --dtypes bf16 --ops fc1 --no-memory-bound --out "$OUT/tree_ab_fc1_${label}_$rnd.json" 2>&1 | grep -E "cfg ws|chunk stats ws|cfg 128x256x64 s3 w8 sub |F.linear \(pre|F.linear\+F.gelu "
+           fi | sed "s/^/$label round $rnd: /")
+        done
+      done
+      python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 ;;
     bench) python3 -m pytest -q bench --benchmark-json="$OUT/pytest_bench.json" 2>&1 | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
