@@ -88,7 +88,7 @@ for step in "$@"; do
           (cd "$tree" && python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || exit 1
            if [ "$step" = tree-ab ]; then
              python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored \
-               --batch-sizes 8 1 --rounds 1 --reps 30 --out "$OUT/tree_ab_${label}_$rnd.json" 2>&1 | grep median
+               --batch-sizes 8 1 --rounds 1 --reps 30 --out "$OUT/tree_ab_${label}_$rnd.json" 2>&1 | grep -E "median|picked" | sed -E "s/\[.*\]//"
            else
              python3 -m bench.linear_lab --dtypes bf16 --ops fc1 --no-memory-bound --out "$OUT/tree_ab_fc1_${label}_$rnd.json" 2>&1 | grep -E "cfg ws|chunk stats ws|cfg 128x256x64 s3 w8 sub |F.linear \(pre|F.linear\+F.gelu "
            fi | sed "s/^/$label round $rnd: /")

@@ -125,8 +125,10 @@ def merge_chunk_stats(chunk_stats: torch.Tensor, K: int, eps: float = 1e-6, chun
     its chunk statistics [M, cdiv(K, chunk), 2] (:func:`chunk_stats_reference`'s format): the
     mean first, then ``M2 = sum_c (M2_c + n_c (mean_c - mean)^2)``, exact for any spread of
     the chunk means."""
-    counts = torch.full((chunk_stats.shape[1],), float(chunk), device=chunk_stats.device)
-    counts[-1] = K - chunk * (chunk_stats.shape[1] - 1)
+    # n_c = min(chunk, K - chunk * c): built on the device, with no host-to-device copy, so that
+    # it can be captured in a CUDA graph (the tuner times candidates that way).
+    starts = torch.arange(chunk_stats.shape[1], device=chunk_stats.device, dtype=torch.float32) * chunk
+    counts = (K - starts).clamp(max=chunk)
     means, m2s = chunk_stats[..., 0], chunk_stats[..., 1]
     mean = (means * counts).sum(dim=1) / K
     m2 = (m2s + counts * (means - mean[:, None]) ** 2).sum(dim=1)

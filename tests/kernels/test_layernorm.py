@@ -72,6 +72,26 @@ def test_merged_chunk_stats_equal_row_stats(k):
     assert_close(got[:, 1], ref[:, 1], 1e-5, "rstd")
 
 
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("k", [200, 768])
+def test_merge_chunk_stats_in_a_cuda_graph(k):
+    """:func:`merge_chunk_stats` captured in a CUDA graph (as the tuner times the Triton
+    LayerNorm matmuls that merge chunks; a host-to-device copy would fail the capture) and
+    replayed on new statistics gives what it gives eagerly."""
+    from brainjepa_kernels.layernorm import chunk_stats_reference, merge_chunk_stats
+
+    chunks = chunk_stats_reference(_rows(300, k, torch.float32, device="cuda"))
+    out = torch.empty(300, 2, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(merge_chunk_stats(chunks, k))
+    chunks.copy_(chunk_stats_reference(_rows(300, k, torch.float32, device="cuda")))
+    poison_(out)
+    graph.replay()
+    assert_close(out, merge_chunk_stats(chunks, k), 1e-6, f"k={k}")
+
+
 @pytest.mark.parametrize("dtype", SMALL_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 64), (7, 11, 200), (300, 256)])
 def test_layernorm(shape, dtype):
