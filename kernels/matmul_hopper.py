@@ -200,6 +200,7 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
         # The epilogue's inputs, requested now so that their latency hides behind the main loop.
         cols = off_n + gl.arange(0, BLOCK_N, layout=cols_of)
         vec0 = gl.load(vec0_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+        tma.store_wait(0)  # this consumer's previous tile has left out_buf
         if EPILOGUE == "layernorm":
             rows = off_m + gl.arange(0, BLOCK_M, layout=rows_of)
             if STATS == "chunks":  # loaded now, merged after the main loop
@@ -209,7 +210,6 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
                 rstd = gl.load(stats_ptr + 2 * rows + 1, mask=rows < M, other=0.0)
             vec1 = gl.load(vec1_ptr + cols, mask=cols < N, other=0.0)
         else:
-            tma.store_wait(0)  # this consumer's previous tile has left out_buf, which the residual reuses
             mbarrier.expect(res_bar.index(ROLE), res_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(res_desc, [off_m, off_n], res_bar.index(ROLE), out_buf)
 
@@ -241,11 +241,6 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
             mbarrier.wait(res_bar.index(ROLE), j & 1)
             y = out_buf.load(mma).to(gl.float32) + acc + gl.expand_dims(vec0, 0)
         stored = y.to(out_desc.dtype)
-        if EPILOGUE == "layernorm":
-            # Waited for here, not before the main loop: the wait (the previous tile's 32 KB leaving
-            # shared memory) then overlaps the main loop instead of lengthening the part of this
-            # consumer's cycle that the other consumer's main loop must cover (Nsight, session 10).
-            tma.store_wait(0)
         out_buf.store(stored)
         fence_async_shared()
         tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_buf)
