@@ -1,7 +1,7 @@
-"""Lab: FA3's schedule for the encoder's attention in Gluon (head dim 64, Hopper); not yet run on a GPU.
+"""Lab: FA3's schedule for the encoder's attention in Gluon (head dim 64, Hopper): correct, not faster.
 
     python -m bench.attention_ws_lab --compile-only   # any machine: sm_90 compile, registers, waits
-    python -m bench.attention_ws_lab                  # GPU: check, then time against flash_attention
+    python -m bench.attention_ws_lab [--check-only]   # GPU: check, then time against flash_attention (or not)
 
 Why (bench/NOTES.md, "What is left", item 1): in the package's attention kernels the tensor
 cores and the MUFU are each busy ~57% of the time and rarely together (Nsight Compute, session
@@ -50,9 +50,12 @@ change that. The order of ``kernels/flash_attention_hopper.py`` (issue S_{j+1}, 
 then P_j V_j) inside this warp-specialized kernel had every wgmma serialized (C7512,
 "insufficient register resources") at any block size, one or two steps a loop iteration.
 
-Status: NOT YET RUN ON A GPU (the session had no device time). The GPU run
-(``bench/gpu_session.sh attention-ws``) checks every configuration against the fp32 reference
-(ragged N, NaN in another batch, a key scored past the anchor) before timing it.
+Status (session 10, ``bench/results/2026-11-27-s10/``): every configuration passes the checks
+(ragged N, NaN in another batch, a key scored past the anchor), none beats the tuned
+``flash_attention`` at B=8: on an H100 64s4apc3 437-440 TFLOP/s against 468-469, on an H200
+128s3apc3 460-461 against 459-479; B=1 is 12-20% behind. Nsight Compute: tensor pipe 48-51%,
+MUFU 51%; 31% of 128s3ap's stall cycles are waits at a barrier (Triton puts one between each
+consumer's P stores and the product that reads them; which barrier was not measured).
 """
 from __future__ import annotations
 
