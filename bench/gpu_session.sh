@@ -72,13 +72,17 @@ for step in "$@"; do
         timeout 300 "$NCU" "${NCU_ARGS[@]}" -k regex:_matmul_ws python3 -m bench.ncu_target "$op" ws128x128x64s4 > "$f" 2>&1
         echo "--- $op (Gluon)"; grep -E "SM Frequency|Duration|Issue Slots|pipe_(tensor|xu|fma|alu)_cycles|Stall|Registers" "$f" | head -30
       done ;;
-    ncu-source)  # per-instruction stall samples (SASS) of the Gluon matmul, as CSV for bench/ncu_source.py
+    ncu-source)  # per-instruction stall samples (SASS) as CSV for bench/ncu_source.py: NCU_SOURCE lists
+      # targets OP:SPEC (bench.ncu_target's op and spec), default the Gluon fc1 and qkv
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-      for op in ${NCU_MATMUL:-fc1 qkv}; do
-        timeout 300 "$NCU" --clock-control none -s 1 -c 1 -k regex:_matmul_ws --section WarpStateStats \
-          --section SourceCounters -o "$OUT/ncu_src_$op" python3 -m bench.ncu_target "$op" ws128x128x64s4 > "$OUT/ncu_src_$op.log" 2>&1
-        "$NCU" -i "$OUT/ncu_src_$op.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_src_$op.csv" 2>&1
-        echo "--- $op"; python3 -m bench.ncu_source "$OUT/ncu_src_$op.csv" | head -40
+      for target in ${NCU_SOURCE:-fc1:ws128x128x64s4 qkv:ws128x128x64s4}; do
+        op=${target%%:*}; spec=${target#*:}; name=$(echo "$target" | tr -c 'A-Za-z0-9_\n-' _)
+        case "$op" in attention) kernel=_attn_fwd ;; attention-ws) kernel=_attn_fwd_ws ;; *) kernel=_matmul_ws ;; esac
+        timeout 300 "$NCU" --clock-control none -s 1 -c 1 -k "regex:$kernel" --section WarpStateStats \
+          --section SourceCounters -o "$OUT/ncu_src_$name" python3 -m bench.ncu_target "$op" "$spec" > "$OUT/ncu_src_$name.log" 2>&1
+        "$NCU" -i "$OUT/ncu_src_$name.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_src_$name.csv" 2>&1
+        rm -f "$OUT/ncu_src_$name.ncu-rep"
+        echo "--- $target"; python3 -m bench.ncu_source "$OUT/ncu_src_$name.csv" --top 12
       done ;;
     tree-ab | tree-ab-fc1)  # this tree against AB_BASE (a carried export of the base commit), alternating:
       # tree-ab the encoder with the default attention pool, tree-ab-fc1 the fc1 matmul lab
