@@ -41,7 +41,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if samples is None:
         print("columns:", header)
         return 1
-    reasons = [c for c in header if "stall" in c.lower() and not c.startswith("Warp Stall Sampling")]
+    # "(Not Issued)" columns are subsets of their reason's samples: left out so the shares add up.
+    reasons = [c for c in header if c.startswith("stall_") and "Not Issued" not in c]
     total = sum(number(r[samples]) for r in rows)
     print(f"{len(rows)} instructions, {total:.0f} samples")
     sums = sorted(((sum(number(r[c]) for r in rows), c) for c in reasons), reverse=True)
