@@ -3,18 +3,21 @@
 #   bash bench/gpu_session.sh tests attention linear compare
 # Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small
 # shapes on the GPU too), tests-flash (the attention kernels' tests only), attention / linear /
-# linear-bf16 / gluon (kernel labs), attention-ws (the FA3-schedule lab: each of WS_SPECS checked
+# linear-bf16 / gluon (kernel labs; ATTN_VARIANTS, ATTN_DTYPES narrow the attention lab), attention-ws (the FA3-schedule lab: each of WS_SPECS checked
 # in its own process, 60 s cap in case it hangs, then the correct ones timed), attention-ws-ab
 # (the encoder with its attention against the package's, A/B), gluon-anchored /
 # attention-anchored (the anchored softmax against the online one), variant-ab (encoder A/B over
-# attention variant sets), compare (python -m bench.compare), profile (per-kernel time of the
-# encoder), ncu (Nsight Compute on attention, on the lab (NCU_WS specs) and on the Gluon fc1 and
-# qkv (NCU_MATMUL); NCU_ATTENTION overrides the attention specs), ncu-source (per-instruction
+# attention variant sets: VAB_ARMS, VAB_ROUNDS override the defaults), compare (python -m
+# bench.compare), profile (per-kernel time of the encoder), attention-context (attention on the
+# encoder's own qkv, after a matmul, with the SM clock sampled: why it is slower in the encoder
+# than in the labs), ncu (Nsight Compute on attention, on the lab (NCU_WS specs) and on the Gluon
+# fc1 and qkv (NCU_MATMUL); NCU_ATTENTION overrides the attention specs), ncu-source (per-instruction
 # stall samples of the Gluon matmul), matmul-ab (encoder with the Gluon matmul passing chunk
 # statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16, without the
 # memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU tests),
 # tree-ab / tree-ab-fc1 (the encoder / the fc1 lab of this tree against AB_BASE, an export of the
-# base commit carried to the device), bench (pytest-benchmark suites).
+# base commit carried to the device; AB_NEW_ARMS: the new tree's attention variants), bench
+# (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/brainjepa-out}
@@ -30,7 +33,7 @@ for step in "$@"; do
   case "$step" in
     tests) python3 -m pytest -q -m gpu -rA tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|error|rel err|peak|FAIL" ;;
     tests-all) python3 -m pytest -q -rA tests/kernels tests/test_triton_encoder.py 2>&1 | tee "$OUT/gpu_tests_all.log" | grep -E "passed|failed|FAIL|encoder triton|peak" ;;
-    attention) python3 -m bench.attention_lab --out "$OUT/attention_lab.json" 2>&1 | tee "$OUT/attention_lab.log" | tail -40 ;;
+    attention) python3 -m bench.attention_lab ${ATTN_VARIANTS:+--variants $ATTN_VARIANTS} ${ATTN_DTYPES:+--dtypes $ATTN_DTYPES} --out "$OUT/attention_lab.json" 2>&1 | tee "$OUT/attention_lab.log" | tail -40 ;;
     linear) python3 -m bench.linear_lab --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -40 ;;
     linear-bf16) python3 -m bench.linear_lab --dtypes bf16 --out "$OUT/linear_lab.json" 2>&1 | tee "$OUT/linear_lab.log" | tail -30 ;;
     tests-ws) python3 -m pytest -q -m gpu -rA tests/kernels/test_matmul_hopper.py tests/test_triton_encoder.py 2>&1 | tee "$OUT/gpu_tests_ws.log" | grep -E "passed|failed|FAIL|vs given|chunk M2|encoder triton|peak" ;;
@@ -49,8 +52,10 @@ for step in "$@"; do
     attention-anchored) python3 -m bench.attention_lab --variants pingpong,pingpong_anchored,tma,tma_anchored --dtypes bf16 --out "$OUT/attention_lab_anchored.json" 2>&1 | tee "$OUT/attention_lab_anchored.log" | tail -30 ;;
     matmul-ab) python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored --matmul-arms ws ws-rowstats triton --batch-sizes 8 1 --rounds 2 --reps 20 --out "$OUT/variant_ab_ws.json" 2>&1 | tee "$OUT/variant_ab_ws.log" | tail -6 ;;
     linear-ws) python3 -m bench.linear_lab --dtypes bf16 --no-memory-bound --out "$OUT/linear_lab_ws.json" 2>&1 | tee "$OUT/linear_lab_ws.log" | tail -12 ;;
-    variant-ab) python3 -m bench.variant_ab --out "$OUT/variant_ab.json" 2>&1 | tee "$OUT/variant_ab.log" | tail -8 ;;
+    variant-ab) python3 -m bench.variant_ab ${VAB_ARMS:+--arms $VAB_ARMS} ${VAB_ROUNDS:+--rounds $VAB_ROUNDS} \
+                  --out "$OUT/variant_ab.json" 2>&1 | tee "$OUT/variant_ab.log" | grep -E "round|median" ;;
     compare) python3 -m bench.compare --out "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
+    attention-context) python3 -m bench.attention_context --out "$OUT/attention_context.json" 2>&1 | tee "$OUT/attention_context.log" | grep -v Warning ;;
     profile) python3 -m bench.profile_encoder --out "$OUT/profile_encoder.json" 2>&1 | tee "$OUT/profile_encoder.log" | tail -40 ;;
     ncu)
       NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
@@ -91,7 +96,9 @@ for step in "$@"; do
           tree=$PWD; [ $label = base ] && tree=$PWD/${AB_BASE:?export of the base commit}
           (cd "$tree" && python3 -m pip install -q --no-deps --no-build-isolation -e . > /dev/null 2>&1 || exit 1
            if [ "$step" = tree-ab ]; then
-             python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored \
+             arms=pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored
+             [ $label = new ] && arms=${AB_NEW_ARMS:-$arms}  # e.g. with a variant the base lacks
+             python3 -m bench.variant_ab --arms $arms \
                --batch-sizes 8 1 --rounds 1 --reps 30 --out "$OUT/tree_ab_${label}_$rnd.json" 2>&1 | grep -E "median|picked" | sed -E "s/\[.*\]//"
            else
              python3 -m bench.linear_lab --dtypes bf16 --ops fc1 --no-memory-bound --out "$OUT/tree_ab_fc1_${label}_$rnd.json" 2>&1 | grep -E "cfg ws|chunk stats ws|cfg 128x256x64 s3 w8 sub |F.linear \(pre|F.linear\+F.gelu "

@@ -52,6 +52,8 @@ Variants (:data:`VARIANTS`) switch the compile-time options of the one kernel, :
   is zero-filled per batch.
 * ``split=2``: two query sub-tiles per program share each K/V block, each with its own
   softmax chain: 128 rows of K/V reuse at a 64-row register footprint (2-3 programs per SM).
+* ``q_in_registers``: Q is the register operand of ``q k^T`` (multiplied once by a power of two
+  in registers, see :func:`_attn_fwd`) instead of a shared-memory tile read at every key block.
 
 * ``"overlap"`` (:data:`OVERLAP`): not this kernel but the Gluon kernel of
   :mod:`kernels.flash_attention_hopper`, which keeps the next block's ``q k^T`` on the tensor
@@ -60,18 +62,20 @@ Variants (:data:`VARIANTS`) switch the compile-time options of the one kernel, :
 * ``"overlap_anchored"`` (:data:`OVERLAP_ANCHORED`): the Gluon kernel with the anchored softmax.
 
 By default :func:`flash_attention` tunes over the configurations of ``"pingpong"``,
-``"pingpong_anchored"`` and ``"tma_anchored"`` (:data:`DEFAULT_VARIANTS`), plus both Gluon
-variants where they can run, and keeps the fastest per shape, timed on the first call's own
-inputs (so inputs that overflow the anchor steer it to an online variant). On an H100 (bf16,
-2026-11-27) it picked ``pingpong_anchored`` (capped at 168 registers; 494 TFLOP/s in the lab)
-for a batch of 8 scans, where ``pingpong`` (454) was the pick before, and ``tma_anchored``
-(64x128 or 128x64) for one scan.
+``"pingpong_anchored"``, ``"tma_anchored"`` and ``"tma_anchored_qreg"`` (:data:`DEFAULT_VARIANTS`),
+plus both Gluon variants where they can run, and keeps the fastest per shape, timed on the first
+call's own inputs (so inputs that overflow the anchor steer it to an online variant). On an H100
+(bf16, 2026-11-27) its picks for a batch of 8 scans alternate between ``tma_anchored`` 128x64,
+``pingpong_anchored`` (capped at 168 registers) and ``tma_anchored_qreg`` 64x64 (within 2% of
+each other in the labs); for one scan it picks ``tma_anchored_qreg`` 64x64 (428 TFLOP/s in
+session 11's lab against 400 for the best of the others).
 
 Head dimension 64 (every Brain-JEPA variant); any H, B, N >= 1.
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -214,14 +218,18 @@ def _overflowed(l_i, acc):
 def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
               stride_b, stride_n, stride_ob, stride_on,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, LOADER: tl.constexpr,
-              ANCHORED: tl.constexpr):
+              ANCHORED: tl.constexpr, Q_IN_REGISTERS: tl.constexpr, Q_SCALE: tl.constexpr):
     """Attention of ``qkv`` [B, N, 3, H, D] into ``out`` [B, N, H*D].
 
     LOADER "ptr": ``q_src`` = ``kv_src`` = qkv (batch stride ``stride_b``, token stride
     ``stride_n``, the (3, H, D) part packed), ``o_dst`` = out (strides ``stride_ob``,
     ``stride_on``). LOADER "tma": ``q_src``, ``kv_src`` host descriptors over qkv as
     [B, N, 3*H*D] with boxes [1, BLOCK_M, D] and [1, BLOCK_N, D], ``o_dst`` one over out as
-    [B, N, H*D] with boxes [1, BLOCK_M, D]. ``qk_scale`` = softmax scale * log2(e).
+    [B, N, H*D] with boxes [1, BLOCK_M, D]. ``qk_scale`` = softmax scale * log2(e) / Q_SCALE.
+    Q_IN_REGISTERS: the query tiles are multiplied by Q_SCALE (a power of two: exact) once; being
+    values computed in registers rather than loaded tiles, they become the register operand of
+    the q k^T wgmma instead of being read from shared memory at every key block. (A runtime
+    scale instead of the constexpr made ptxas wait after every wgmma of the kernel.)
 
     Program ``(b * H + h) * n_m + pid_m`` computes out[b, rows, h*D:(h+1)*D] for the
     SPLIT * BLOCK_M query rows from pid_m * SPLIT * BLOCK_M of head h: numbered head by head, so
@@ -246,9 +254,13 @@ def _attn_fwd(q_src, kv_src, o_dst, qk_scale, N, H,
     row0 = pid_m * (SPLIT * BLOCK_M)
 
     q0 = _load_tile(q_in, b, row0, q_col, N, stride_n, BLOCK_M, LOADER, True)
+    if Q_IN_REGISTERS:
+        q0 = q0 * Q_SCALE
     q1 = q0
     if SPLIT == 2:
         q1 = _load_tile(q_in, b, row0 + BLOCK_M, q_col, N, stride_n, BLOCK_M, LOADER, True)
+        if Q_IN_REGISTERS:
+            q1 = q1 * Q_SCALE
     l0, acc0, l1, acc1 = _attend_keys(q0, q1, kv_in, b, k_col, v_col, qk_scale, N, stride_n,
                                       BLOCK_M, BLOCK_N, SPLIT, LOADER, ANCHORED)
     if ANCHORED:
@@ -295,10 +307,11 @@ class Variant:
     configs: tuple[AttnConfig, ...]
     configs_fp32: tuple[AttnConfig, ...]
     anchored: bool = False
+    q_in_registers: bool = False
 
     def meta(self) -> dict:
         """Compile-time arguments of :func:`_attn_fwd` (besides the block sizes)."""
-        return dict(SPLIT=self.split, LOADER=self.loader, ANCHORED=self.anchored)
+        return dict(SPLIT=self.split, LOADER=self.loader, ANCHORED=self.anchored, Q_IN_REGISTERS=self.q_in_registers)
 
     def configs_for(self, dtype: torch.dtype) -> tuple[AttnConfig, ...]:
         return self.configs_fp32 if dtype == torch.float32 else self.configs
@@ -345,10 +358,20 @@ VARIANTS: dict[str, Variant] = {
                             configs_fp32=(AttnConfig(128, 64, 8, 2), AttnConfig(64, 64, 4, 2)), anchored=True),
     "pingpong_anchored": Variant("tma", 2, configs=(AttnConfig(64, 64, 4, 3, maxnreg=168),),
                                  configs_fp32=(AttnConfig(64, 32, 4, 2),), anchored=True),
+    # tma_anchored with Q as the register operand of q k^T (see :func:`_attn_fwd`): Q is not
+    # read from shared memory at every key block, and its shared-memory tile is gone, so 64x64
+    # w4 s3 (123 registers, 48 KB) runs four programs per SM instead of three. H100 lab of
+    # 2026-11-27 (session 11, run 2), B=8 | B=1: 64x64 w4 s3 478.5 | 428.3 against tma_anchored's
+    # best 474.9 | 399.8 in the same run; 128x64 w8 s3 464.3 | 380.7, 64x128 w4 s3 441.4 | 398.0
+    # and 64x128 w4 s2 374.3 | 296.8, dropped. Capped at 96 registers (five per SM) it spills.
+    # Not for pingpong_anchored: its two register-resident sub-tiles spill at 168 registers and
+    # ptxas then waits after every wgmma (offline sm_90 compile).
+    "tma_anchored_qreg": Variant("tma", 1, configs=(AttnConfig(64, 64, 4, 3),),
+                                 configs_fp32=(AttnConfig(128, 64, 8, 2),), anchored=True, q_in_registers=True),
 }
 
 #: Variants whose configurations :func:`flash_attention` tunes over unless told one variant.
-DEFAULT_VARIANTS = ("pingpong", "pingpong_anchored", "tma_anchored")
+DEFAULT_VARIANTS = ("pingpong", "pingpong_anchored", "tma_anchored", "tma_anchored_qreg")
 
 #: The Gluon kernel of :mod:`kernels.flash_attention_hopper` under its variant names (name ->
 #: whether its softmax is anchored, as in :func:`_attend_keys`); not keys of :data:`VARIANTS`.
@@ -436,7 +459,10 @@ def kernel_args(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, variant: 
     descriptors over ``qkv`` and ``out``, after the alignment checks)."""
     spec = _variant(variant)
     B, N, _, H, D = qkv.shape
-    qk_scale = (D ** -0.5 if sm_scale is None else sm_scale) * LOG2E
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    # Q_IN_REGISTERS: Q is multiplied by the power of two nearest the scale (exact), the rest stays in qk_scale.
+    q_scale = 2.0 ** round(math.log2(scale)) if spec.q_in_registers and scale > 0 else 1.0
+    qk_scale = scale * LOG2E / q_scale
     if spec.loader == "tma":
         _check_tma(qkv, "qkv")
         _check_tma(out, "out")
@@ -447,7 +473,7 @@ def kernel_args(qkv: torch.Tensor, out: torch.Tensor, cfg: AttnConfig, variant: 
     else:
         q_src, kv_src, o_dst = qkv, qkv, out
     args = (q_src, kv_src, o_dst, qk_scale, N, H, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1))
-    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **spec.meta(), num_warps=cfg.num_warps,
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **spec.meta(), Q_SCALE=q_scale, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     if cfg.maxnreg is not None and not INTERPRET:
         meta["maxnreg"] = cfg.maxnreg
