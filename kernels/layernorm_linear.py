@@ -45,9 +45,10 @@ ACTIVATIONS = (None, "gelu")
 
 
 @triton.jit
-def gelu(x):
+def gelu(x, APPROX_RCP: tl.constexpr = False):
     """Exact (erf) GELU, ``x * Phi(x)``, in float32 for finite x: 14 instructions (12 FMA-pipe, 2
-    MUFU) instead of the ~33 of ``0.5 * x * (1 + erf(x / sqrt(2)))`` with libdevice's erf. It is
+    MUFU) instead of the ~33 of ``0.5 * x * (1 + erf(x / sqrt(2)))`` with libdevice's erf; 13 with
+    APPROX_RCP (NVIDIA GPUs only: inline PTX, which the interpreter cannot run). It is
     what the fc1 epilogue spends its time on: in the warp-specialized matmul the epilogue of one
     consumer must fit under the other's main loop (Nsight Compute, session 10: ~21 instructions an
     element there, and longer than the main loop).
@@ -59,13 +60,19 @@ def gelu(x):
 
     with the degree-4 P and p of M. Abramowitz & I. Stegun, *Handbook of Mathematical Functions*,
     7.1.26. Below, P's coefficients are halved (the 1/2 of h) and p divided by sqrt(2), so
-    h = t * P(t) * 2^(-u^2 log2(e) / 2); t is rsqrt(d^2) (one MUFU op, no division sequence). With
+    h = t * P(t) * 2^(-u^2 log2(e) / 2); t is rsqrt(d^2) (one MUFU op and the square, no division
+    sequence), or with APPROX_RCP ``rcp.approx.ftz.f32`` (the MUFU op alone; Triton has no
+    approximate reciprocal, and its ``fdiv`` adds range checks). With
     fp32 rounding the error is < 2e-7 * max(1, |x|) (tested), within one fp32 rounding of torch's
     own float32 GELU, and for x << 0 more accurate than the 1 + erf(x) form, which cancels.
     """
     u = tl.abs(x)
     d = 1.0 + u * 0.2316418882663604  # 1 + p z, z = u / sqrt(2)
-    t = tl.math.rsqrt(d * d)
+    if APPROX_RCP:
+        t = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        t = tl.math.rsqrt(d * d)
     q = 0.5307027145 * t + -0.7265760135
     q = q * t + 0.7107068705
     q = q * t + -0.142248368

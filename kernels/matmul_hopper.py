@@ -236,7 +236,7 @@ def _consumer(x_desc, w_desc, out_desc, res_desc, a_bufs, b_bufs, out_bufs, read
             y = gl.expand_dims(rstd, 1) * (acc - gl.expand_dims(mean, 1) * gl.expand_dims(vec0, 0)) \
                 + gl.expand_dims(vec1, 0)
             if GELU:
-                y = gelu(y)
+                y = gelu(y, True)  # sm_90 only: the approximate reciprocal (inline PTX)
         else:
             mbarrier.wait(res_bar.index(ROLE), j & 1)
             y = out_buf.load(mma).to(gl.float32) + acc + gl.expand_dims(vec0, 0)

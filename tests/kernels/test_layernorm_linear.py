@@ -17,10 +17,10 @@ if HAS_TRITON:
     from brainjepa_kernels.layernorm_linear import gelu
 
     @jit
-    def gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    def gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, APPROX_RCP: tl.constexpr):
         """y = gelu(x) elementwise: the epilogue's GELU on its own."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(y_ptr + offs, gelu(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+        tl.store(y_ptr + offs, gelu(tl.load(x_ptr + offs, mask=offs < n), APPROX_RCP), mask=offs < n)
 
 
 def _problem(m: int, k: int, n: int, dtype: torch.dtype, device=DEVICE, row_mean: float = 0.5):
@@ -146,19 +146,20 @@ def test_layernorm_linear_full_size(m, n, activation, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # d * d at |x| = 1e30: inf, as meant
-def test_gelu_epilogue_function_is_exact_erf_gelu():
+@pytest.mark.parametrize("approx_rcp", [False, pytest.param(True, marks=requires_cuda)], ids=["rsqrt", "rcp"])
+def test_gelu_epilogue_function_is_exact_erf_gelu(approx_rcp):
     """The epilogue's ``gelu`` (Abramowitz & Stegun's erfc form, no libdevice erf) against
     x * erfc(-x / sqrt(2)) / 2 in float64 over [-12, 12] and N(0, 3) samples (interpreter on CPU,
-    the compiled code on a GPU: MUFU rsqrt and exp2 approximations included): |error| <= 5e-7 *
-    max(1, |x|), below one fp32 rounding of torch's own float32 GELU on the same inputs (~3.6e-7,
-    measured)."""
+    the compiled code on a GPU: MUFU rsqrt or rcp and exp2 approximations included): |error| <=
+    5e-7 * max(1, |x|), below one fp32 rounding of torch's own float32 GELU on the same inputs
+    (~3.6e-7, measured). The approximate reciprocal (the Gluon fc1's) is inline PTX: GPU only."""
     import triton
 
     torch.manual_seed(0)
     x = torch.cat([torch.linspace(-12, 12, 48001), 3 * torch.randn(16000), torch.tensor([0.0, 1e-30, -1e30, 1e30])])
-    x = x.to(DEVICE)
+    x = x.to("cuda" if approx_rcp else DEVICE)
     y = poison_(torch.empty_like(x))
-    gelu_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    gelu_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024, APPROX_RCP=approx_rcp)
     x64 = x.double()
     ref = x64 * torch.special.erfc(-x64 / 2 ** 0.5) / 2
     err = ((y.double() - ref).abs() / x64.abs().clamp(min=1)).max().item()
