@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # One device call = one experiment: environment, install, then the named steps, logs under $OUT.
 #   bash bench/gpu_session.sh tests attention linear compare
-# Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small
-# shapes on the GPU too), tests-flash (the attention kernels' tests only), attention / linear /
-# linear-bf16 / gluon (kernel labs; ATTN_VARIANTS, ATTN_DTYPES narrow the attention lab), attention-ws (the FA3-schedule lab: each of WS_SPECS checked
-# in its own process, 60 s cap in case it hangs, then the correct ones timed), attention-ws-ab
-# (the encoder with its attention against the package's, A/B), gluon-anchored /
-# attention-anchored (the anchored softmax against the online one), variant-ab (encoder A/B over
-# attention variant sets: VAB_ARMS, VAB_ROUNDS override the defaults), compare (python -m
-# bench.compare), profile (per-kernel time of the encoder), attention-context (attention on the
-# encoder's own qkv, after a matmul, with the SM clock sampled: why it is slower in the encoder
-# than in the labs), ncu (Nsight Compute on attention, on the lab (NCU_WS specs) and on the Gluon
-# fc1 and qkv (NCU_MATMUL); NCU_ATTENTION overrides the attention specs), ncu-source (per-instruction
-# stall samples of the Gluon matmul), matmul-ab (encoder with the Gluon matmul passing chunk
-# statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16, without the
-# memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU tests),
-# tree-ab / tree-ab-fc1 (the encoder / the fc1 lab of this tree against AB_BASE, an export of the
-# base commit carried to the device; AB_NEW_ARMS: the new tree's attention variants), bench
+# Steps: tests (the gpu-marked tests), tests-all (every kernel and Triton-encoder test, small shapes
+# on the GPU too), tests-flash (the attention kernels' tests only), attention / linear / linear-bf16
+# / gluon (kernel labs; ATTN_VARIANTS, ATTN_DTYPES narrow the attention lab), attention-ws (the
+# FA3-schedule lab: each of WS_SPECS checked in its own process, 60 s cap in case it hangs, then the
+# correct ones timed), attention-ws-ab (the encoder with its attention against the package's, A/B),
+# gluon-anchored / attention-anchored (the anchored softmax against the online one), variant-ab
+# (encoder A/B over attention variant sets: VAB_ARMS, VAB_ROUNDS override the defaults), compare
+# (python -m bench.compare), profile (per-kernel time of the encoder), attention-context (attention
+# on the encoder's own qkv, after a matmul, with the SM clock sampled: why it is slower in the
+# encoder than in the labs), ncu (Nsight Compute on attention, on the lab (NCU_WS specs) and on the
+# Gluon fc1 and qkv (NCU_MATMUL); NCU_ATTENTION overrides the attention specs), ncu-source
+# (per-instruction stall samples of the Gluon matmul), matmul-ab (encoder with the Gluon matmul
+# passing chunk statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16,
+# without the memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU
+# tests), tree-ab / tree-ab-fc1 (the encoder / the fc1 lab of this tree against AB_BASE, an export
+# of the base commit carried to the device; AB_NEW_ARMS: the new tree's attention variants), bench
 # (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
