@@ -17,9 +17,16 @@ separates the candidate causes, in one process on one card:
 * configurations: the tuner's pick and each candidate of the same variants, per input;
 * partial last waves: the pick's rate on random inputs at batch sizes around B.
 
-Every timing is a replayed CUDA graph (median, ``graph_time_ms``); while each runs,
-``nvidia-smi`` samples the SM clock and power every 20 ms (median reported). The encoder itself is
-timed the same way (its own graph replay). Output: one line per measurement and a JSON file.
+Every kernel timing is a replayed CUDA graph (median, ``graph_time_ms``); while each runs,
+``nvidia-smi`` samples the SM clock and power every 20 ms (median reported). The encoder is timed
+over 30 calls (its own graph replays; CUDA events, median) with the clock sampled the same way.
+Output: one line per measurement and a JSON file.
+
+What it showed (session 11, H100, ``bench/results/2026-11-27-s11/run1/``): the card sat at its
+power cap (688-700 W) in every measurement, and attention ran at ~1830 MHz alone but the encoder
+at ~1755 (the matmuls at ~1440): the gap is the clock, not the inputs (real activations were
+faster than ``randn``) or the preceding matmul. The batch-size sweep did not isolate partial
+waves: the clock moved by more (1575-1815 MHz) than any wave effect.
 """
 from __future__ import annotations
 
