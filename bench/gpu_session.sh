@@ -16,7 +16,7 @@
 # passing chunk statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16,
 # without the memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU
 # tests), tree-ab / tree-ab-fc1 (the encoder / the fc1 lab of this tree against AB_BASE, an export
-# of the base commit carried to the device; AB_NEW_ARMS: the new tree's attention variants), bench
+# of the base commit carried to the device; AB_NEW_ARMS: the new tree's attention variants; AB_BATCHES), bench
 # (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -99,7 +99,7 @@ for step in "$@"; do
              arms=pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored
              [ $label = new ] && arms=${AB_NEW_ARMS:-$arms}  # e.g. with a variant the base lacks
              python3 -m bench.variant_ab --arms $arms \
-               --batch-sizes 8 1 --rounds 1 --reps 30 --out "$OUT/tree_ab_${label}_$rnd.json" 2>&1 | grep -E "median|picked" | sed -E "s/\[.*\]//"
+               --batch-sizes ${AB_BATCHES:-8 1} --rounds 1 --reps 30 --out "$OUT/tree_ab_${label}_$rnd.json" 2>&1 | grep -E "median|picked" | sed -E "s/\[.*\]//"
            else
              python3 -m bench.linear_lab --dtypes bf16 --ops fc1 --no-memory-bound --out "$OUT/tree_ab_fc1_${label}_$rnd.json" 2>&1 | grep -E "cfg ws|chunk stats ws|cfg 128x256x64 s3 w8 sub |F.linear \(pre|F.linear\+F.gelu "
            fi | sed "s/^/$label round $rnd: /")
