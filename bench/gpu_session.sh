@@ -16,8 +16,8 @@
 # passing chunk statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16,
 # without the memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU
 # tests), tree-ab / tree-ab-fc1 (the encoder / the fc1 lab of this tree against AB_BASE, an export
-# of the base commit carried to the device; AB_NEW_ARMS: the new tree's attention variants; AB_BATCHES), bench
-# (pytest-benchmark suites).
+# of the base commit carried to the device; AB_NEW_ARMS: the new tree's attention variants;
+# AB_BATCHES), bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/brainjepa-out}
