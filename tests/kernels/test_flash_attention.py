@@ -68,6 +68,16 @@ def test_no_ragged_tail(variant):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("sm_scale", [0.3, 0.05])
+def test_explicit_scale(variant, sm_scale):
+    """A softmax scale that is not a power of two (Q_IN_REGISTERS splits it into a power of two
+    applied to Q and the rest applied to the scores; the others fold all of it into exp2)."""
+    qkv = random_qkv(1, 77, 2, torch.float16, seed=11)
+    assert_close(run(qkv, variant, sm_scale=sm_scale), attention_reference(qkv, sm_scale=sm_scale),
+                 tol(torch.float16), f"{variant} sm_scale={sm_scale}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_growing_scores_rescale(variant):
     """Key magnitudes ramp up along the sequence, so the running row max jumps again and again
     (scores up to ~20): every rescaling of acc and l must stay exact (fp32: plain fp32 on the
