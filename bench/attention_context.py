@@ -19,7 +19,8 @@ separates the candidate causes, in one process on one card:
 
 Every kernel timing is a replayed CUDA graph (median, ``graph_time_ms``); while each runs,
 ``nvidia-smi`` samples the SM clock and power every 20 ms (median reported). The encoder is timed
-over 30 calls (its own graph replays; CUDA events, median) with the clock sampled the same way.
+over 30 calls (``bench.compare.time_forward``: its own graph replays, CUDA events, median) with
+the clock sampled the same way.
 Output: one line per measurement and a JSON file.
 
 What it showed (session 11, H100, ``bench/results/2026-11-27-s11/run1/``): the card sat at its
@@ -44,6 +45,7 @@ import torch
 
 import brainjepa_fast as bj
 import brainjepa_kernels.flash_attention as fa
+from bench.compare import time_forward
 from brainjepa_kernels._runtime import _TUNED, graph_time_ms
 
 HEADS, HEAD_DIM, TOKENS = 12, 64, 4500
@@ -72,14 +74,18 @@ def sampled_clock(samples: list) -> Iterator[None]:
                 continue
 
 
+def median_of(samples: list, i: int) -> Optional[float]:
+    """Median of field ``i`` (0: SM clock, 1: power) of :func:`sampled_clock`'s samples, or None."""
+    return statistics.median(sample[i] for sample in samples) if samples else None
+
+
 def timed(fn: Callable[[], object], label: str, flop: float, rows: list, **extra) -> float:
     """``graph_time_ms`` of ``fn`` (stretched to ~300 ms of replays so that the clock samples
     cover it), printed and recorded with the median SM clock and power during it."""
     samples: list = []
     with sampled_clock(samples):
         ms = graph_time_ms(fn, rep_ms=300.0)
-    clock = statistics.median(s[0] for s in samples) if samples else None
-    power = statistics.median(s[1] for s in samples) if samples else None
+    clock, power = median_of(samples, 0), median_of(samples, 1)
     row = dict(label=label, ms=ms, tflops=flop / ms / 1e9 if flop else None, sm_mhz=clock, power_w=power, **extra)
     rows.append(row)
     rate = f"{row['tflops']:6.1f} TFLOP/s" if flop else " " * 14
@@ -134,17 +140,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"tuner's pick for B={B}: {pick}", flush=True)
         enc(x)  # captures the graph
         samples: list = []
-        with sampled_clock(samples):
-            times = []
-            for _ in range(30):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                enc(x)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-        ms = statistics.median(times)
-        clock = statistics.median(s[0] for s in samples) if samples else None
+        with sampled_clock(samples):  # one untimed replay, then 30 timed
+            ms = statistics.median(time_forward(enc, x, warmup=1, reps=30).times_ms)
+        clock = median_of(samples, 0)
         rows.append(dict(label="encoder", ms=ms, ms_per_scan=ms / B, sm_mhz=clock))
         print(f"encoder B={B}: {ms / B:.3f} ms per scan (30 calls, median)  SM {clock} MHz", flush=True)
 
@@ -171,11 +169,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         w = torch.randn(768, 3 * 768, device="cuda", dtype=torch.bfloat16, generator=gen) / 28.0
         mm_out = torch.empty(B * TOKENS, 3 * 768, device="cuda", dtype=torch.bfloat16)
         mm_flop = 2 * B * TOKENS * 768 * 3 * 768
-        q0 = captured[min(captured)]
         t_mm = timed(lambda: torch.mm(a, w, out=mm_out), "cuBLAS qkv-sized matmul alone", mm_flop, rows)
-        t_both = timed(lambda: (torch.mm(a, w, out=mm_out), fa.launch(q0, out, cfg, variant)),
+        t_both = timed(lambda: (torch.mm(a, w, out=mm_out), fa.launch(ref, out, cfg, variant)),
                        "matmul then attention (layer-0 qkv), same graph", 0.0, rows)
-        t_attn = timed(lambda: fa.launch(q0, out, cfg, variant), "attention (layer-0 qkv) alone again", attn_flop,
+        t_attn = timed(lambda: fa.launch(ref, out, cfg, variant), "attention (layer-0 qkv) alone again", attn_flop,
                        rows)
         print(f"attention after the matmul: {t_both - t_mm:.4f} ms ({attn_flop / (t_both - t_mm) / 1e9:.1f} TFLOP/s) "
               f"against {t_attn:.4f} alone", flush=True)
