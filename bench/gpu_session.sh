@@ -7,7 +7,7 @@
 # FA3-schedule lab: each of WS_SPECS checked in its own process, 60 s cap in case it hangs, then the
 # correct ones timed), attention-ws-ab (the encoder with its attention against the package's, A/B),
 # gluon-anchored / attention-anchored (the anchored softmax against the online one), variant-ab
-# (encoder A/B over attention variant sets: VAB_ARMS, VAB_ROUNDS override the defaults), compare
+# (encoder A/B over attention variant sets: VAB_ARMS, VAB_ROUNDS, VAB_BATCHES override the defaults), compare
 # (python -m bench.compare), profile (per-kernel time of the encoder), attention-context (attention
 # on the encoder's own qkv, after a matmul, with the SM clock sampled: why it is slower in the
 # encoder than in the labs), ncu (Nsight Compute on attention, on the lab (NCU_WS specs) and on the
@@ -52,7 +52,7 @@ for step in "$@"; do
     attention-anchored) python3 -m bench.attention_lab --variants pingpong,pingpong_anchored,tma,tma_anchored --dtypes bf16 --out "$OUT/attention_lab_anchored.json" 2>&1 | tee "$OUT/attention_lab_anchored.log" | tail -30 ;;
     matmul-ab) python3 -m bench.variant_ab --arms pingpong,pingpong_anchored,tma_anchored,overlap,overlap_anchored --matmul-arms ws ws-rowstats triton --batch-sizes 8 1 --rounds 2 --reps 20 --out "$OUT/variant_ab_ws.json" 2>&1 | tee "$OUT/variant_ab_ws.log" | tail -6 ;;
     linear-ws) python3 -m bench.linear_lab --dtypes bf16 --no-memory-bound --out "$OUT/linear_lab_ws.json" 2>&1 | tee "$OUT/linear_lab_ws.log" | tail -12 ;;
-    variant-ab) python3 -m bench.variant_ab ${VAB_ARMS:+--arms $VAB_ARMS} ${VAB_ROUNDS:+--rounds $VAB_ROUNDS} \
+    variant-ab) python3 -m bench.variant_ab ${VAB_ARMS:+--arms $VAB_ARMS} ${VAB_ROUNDS:+--rounds $VAB_ROUNDS} ${VAB_BATCHES:+--batch-sizes $VAB_BATCHES} \
                   --out "$OUT/variant_ab.json" 2>&1 | tee "$OUT/variant_ab.log" | grep -E "round|median" ;;
     compare) python3 -m bench.compare --out "$OUT/compare" 2>&1 | tee "$OUT/compare.log" | tail -60 ;;
     attention-context) python3 -m bench.attention_context --out "$OUT/attention_context.json" 2>&1 | tee "$OUT/attention_context.log" | grep -v Warning ;;
