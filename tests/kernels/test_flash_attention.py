@@ -172,7 +172,7 @@ def test_default_candidates():
     ``configs=`` replaces the configurations."""
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         expected = tuple((name, cfg) for name in DEFAULT_VARIANTS for cfg in VARIANTS[name].configs_for(dtype))
-        assert {"pingpong", "pingpong_anchored", "tma_anchored"} <= set(DEFAULT_VARIANTS) and 3 <= len(expected) <= 8
+        assert {"pingpong", "tma_anchored"} <= set(DEFAULT_VARIANTS) and 3 <= len(expected) <= 8
         if DEVICE == "cuda":
             assert candidates(dtype) == expected
             assert candidates(dtype, "ptr") == tuple(("ptr", cfg) for cfg in VARIANTS["ptr"].configs_for(dtype))
