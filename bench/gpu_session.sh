@@ -7,11 +7,12 @@
 # FA3-schedule lab: each of WS_SPECS checked in its own process, 60 s cap in case it hangs, then the
 # correct ones timed), attention-ws-ab (the encoder with its attention against the package's, A/B),
 # gluon-anchored / attention-anchored (the anchored softmax against the online one), variant-ab
-# (encoder A/B over attention variant sets: VAB_ARMS, VAB_ROUNDS, VAB_BATCHES override the defaults), compare
-# (python -m bench.compare), profile (per-kernel time of the encoder), attention-context (attention
-# on the encoder's own qkv, after a matmul, with the SM clock sampled: why it is slower in the
-# encoder than in the labs), ncu (Nsight Compute on attention, on the lab (NCU_WS specs) and on the
-# Gluon fc1 and qkv (NCU_MATMUL); NCU_ATTENTION overrides the attention specs), ncu-source
+# (encoder A/B over attention variant sets: VAB_ARMS, VAB_ROUNDS, VAB_BATCHES override the
+# defaults), compare (python -m bench.compare), profile (per-kernel time of the encoder),
+# attention-context (attention on the encoder's own qkv, after a matmul, with the SM clock
+# sampled: why it is slower in the encoder than in the labs), ncu (Nsight Compute on attention,
+# on the lab (NCU_WS specs) and on the Gluon fc1 and qkv (NCU_MATMUL); NCU_ATTENTION overrides
+# the attention specs), ncu-source
 # (per-instruction stall samples of the Gluon matmul), matmul-ab (encoder with the Gluon matmul
 # passing chunk statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16,
 # without the memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU
