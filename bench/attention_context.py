@@ -45,10 +45,10 @@ import torch
 
 import brainjepa_fast as bj
 import brainjepa_kernels.flash_attention as fa
+from bench.attention_lab import HEAD_DIM, HEADS
 from bench.compare import time_forward
+from bench.linear_lab import TOKENS_PER_SCAN as TOKENS
 from brainjepa_kernels._runtime import _TUNED, graph_time_ms
-
-HEADS, HEAD_DIM, TOKENS = 12, 64, 4500
 
 
 @contextmanager

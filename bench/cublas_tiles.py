@@ -2,12 +2,12 @@
 
     python -m bench.cublas_tiles [--batch 8] [--dtype bf16] [--out PATH]
 
-For qkv, proj, fc1 and fc2 at M = batch * 4500 tokens: ``torch.nn.functional.linear`` (bias
-included, no GELU or residual), profiled over 20 calls after a warm-up with ``torch.profiler``;
-prints each GPU kernel's name (cuBLAS's kernel names spell the tile shape, the cluster shape and
-the schedule: ``nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN`` is a 192x192 tile, K steps
-of 64 in 4 stages, a 2x1 cluster, the cooperative schedule), its mean duration and the matmul's
-TFLOP/s: the tiles, clusters and schedules our Gluon matmul is up against.
+For qkv, fc1, proj and fc2 (``bench.linear_lab.MATMULS``) at M = batch * 4500 tokens:
+``torch.nn.functional.linear`` (bias included, no GELU or residual), profiled over 20 calls after a
+warm-up with ``torch.profiler``; prints each GPU kernel's name (cuBLAS's kernel names spell the tile
+shape, the cluster shape and the schedule: ``nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN``
+is a 192x192 tile, K steps of 64 in 4 stages, a 2x1 cluster, the cooperative schedule), its mean
+duration and the matmul's TFLOP/s: the tiles, clusters and schedules our Gluon matmul is up against.
 """
 from __future__ import annotations
 
@@ -20,10 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-#: name -> (K, N) of the encoder's matmuls (vit_base).
-SHAPES = {"qkv": (768, 2304), "proj": (768, 768), "fc1": (768, 3072), "fc2": (3072, 768)}
-TOKENS_PER_SCAN = 4500
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from bench.linear_lab import DTYPES, MATMULS, TOKENS_PER_SCAN
 
 
 def profile_shape(M: int, K: int, N: int, dtype: torch.dtype, calls: int = 20) -> list[dict]:
@@ -44,7 +41,8 @@ def profile_shape(M: int, K: int, N: int, dtype: torch.dtype, calls: int = 20) -
         if event.device_type == torch.autograd.DeviceType.CUDA:
             total[event.name] += event.device_time
             count[event.name] += 1
-    return [dict(kernel=name, calls=count[name], mean_us=total[name] / count[name]) for name in total]
+    return [dict(kernel=name, calls=count[name], mean_us=total[name] / count[name])
+            for name in total]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -57,14 +55,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("cublas_tiles needs a CUDA GPU")
     M = args.batch * TOKENS_PER_SCAN
     rows = []
-    for op, (K, N) in SHAPES.items():
+    for op, (_, K, N, _) in MATMULS.items():
         for k in profile_shape(M, K, N, DTYPES[args.dtype]):
             tflops = 2 * M * N * K / (k["mean_us"] * 1e-6) / 1e12
             rows.append(dict(op=op, M=M, N=N, K=K, **k, tflops_if_whole_matmul=tflops))
             print(f"{op:4s} M={M} N={N} K={K}: {k['mean_us']:8.1f} us x{k['calls']:3d}  "
                   f"{tflops:6.1f} TFLOP/s  {k['kernel']}", flush=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-                dtype=args.dtype, batch=args.batch)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                cuda=torch.version.cuda, dtype=args.dtype, batch=args.batch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return 0
