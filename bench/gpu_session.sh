@@ -12,13 +12,12 @@
 # attention-context (attention on the encoder's own qkv, after a matmul, with the SM clock
 # sampled: why it is slower in the encoder than in the labs), ncu (Nsight Compute on attention,
 # on the lab (NCU_WS specs) and on the Gluon fc1 and qkv (NCU_MATMUL); NCU_ATTENTION overrides
-# the attention specs), ncu-source
-# (per-instruction stall samples of the Gluon matmul), matmul-ab (encoder with the Gluon matmul
-# passing chunk statistics, with it and row_stats, without it), linear-ws (the matmul lab, bf16,
-# without the memory-bound kernels), tests-ws (the Gluon matmul's and the Triton encoder's GPU
-# tests), tree-ab / tree-ab-fc1 (the encoder / the fc1 lab of this tree against AB_BASE, an export
-# of the base commit carried to the device; AB_NEW_ARMS: the new tree's attention variants;
-# AB_BATCHES), bench (pytest-benchmark suites).
+# the attention specs), ncu-source (per-instruction stall samples of the Gluon matmul), matmul-ab
+# (encoder with the Gluon matmul passing chunk statistics, with it and row_stats, without it),
+# linear-ws (the matmul lab, bf16, without the memory-bound kernels), tests-ws (the Gluon
+# matmul's and the Triton encoder's GPU tests), tree-ab / tree-ab-fc1 (the encoder / the fc1 lab of
+# this tree against AB_BASE, an export of the base commit carried to the device; AB_NEW_ARMS: the
+# new tree's attention variants; AB_BATCHES), bench (pytest-benchmark suites).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/brainjepa-out}

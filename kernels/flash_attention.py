@@ -69,7 +69,8 @@ inputs (so inputs that overflow the anchor steer it to the online ``pingpong``).
 ``tma_anchored_qreg`` 64x64 (within 2% of each other, in the labs and in the encoder); for one
 scan it picks ``tma_anchored_qreg`` 64x64 (428-440 TFLOP/s in the labs against 400 for the best
 of the others). ``pingpong_anchored`` is left out of the default: the tuner picked it at B=8 now
-and then, and the encoder ran 1.3% slower with it than with the other two (session 12).
+and then, and the encoder ran 0.9-1.3% slower with it alone than with either of the other two
+(session 12).
 
 Head dimension 64 (every Brain-JEPA variant); any H, B, N >= 1.
 """
